@@ -1,0 +1,190 @@
+"""Greedy and beam-search decoding, batched over images.
+
+Many images times K beams run as one tensor batch: every step is one call to ``CaptionDecoder.step`` on
+``batch * beam_size`` rows, and beams are reordered with tensor gathers, never a Python loop over images.
+
+Conventions shared by both strategies:
+
+* ``max_length`` bounds the number of words; the step after the last allowed word may only emit ``<end>``.
+* The first word cannot be ``<end>`` (no empty captions); ``<pad>``, ``<start>`` and (unless allowed) ``<unk>``
+  are never emitted.
+* ``no_repeat_ngram_size=n`` forbids any word that would repeat an n-gram already in the caption.
+* A hypothesis' ``log_prob`` is the summed log-probability of its words and ``<end>``; beams are ranked by
+  ``log_prob / length ** length_penalty`` (``length_penalty=0`` ranks by the plain sum).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from captioner.model import CaptionDecoder, Memory, State
+from captioner.vocabulary import Vocabulary
+
+STRATEGIES = ("greedy", "beam")
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How to turn the decoder's distributions into captions."""
+
+    strategy: str = "beam"
+    beam_size: int = 3
+    max_length: int = 20
+    num_captions: int = 1
+    length_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    allow_unk: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {self.max_length}")
+        width = self.beam_size if self.strategy == "beam" else 1
+        if not 1 <= self.num_captions <= width:
+            raise ValueError(f"num_captions must be between 1 and {width} for {self.strategy}, got {self.num_captions}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError("no_repeat_ngram_size must be >= 0")
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One decoded caption: word ids (without ``<start>``/``<end>``), summed log-probability, ranking score."""
+
+    tokens: list[int]
+    log_prob: float
+    score: float
+
+
+def decode(decoder: CaptionDecoder, grid: Tensor, vocab: Vocabulary, options: DecodingOptions) -> list[list[Hypothesis]]:
+    """Decode a batch of encoder grids (batch, C, H, W); per image, ``options.num_captions`` hypotheses, best first."""
+    with torch.inference_mode():
+        memory, state = decoder.prepare(grid)
+        if options.strategy == "greedy":
+            return [[h] for h in _greedy(decoder, memory, state, vocab, options)]
+        return _beam_search(decoder, memory, state, vocab, options)
+
+
+def _length_norm(lengths: Tensor, penalty: float) -> Tensor:
+    return lengths.clamp(min=1).float().pow(penalty) if penalty else torch.ones_like(lengths, dtype=torch.float)
+
+
+def _log_probs(logits: Tensor, words: Tensor, step: int, vocab: Vocabulary, options: DecodingOptions) -> Tensor:
+    """Log-softmax of the logits with the disallowed continuations set to -inf.
+
+    ``words`` (rows, step) holds the words generated so far in each row.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    banned = [vocab.pad, vocab.start] + ([] if options.allow_unk else [vocab.unk])
+    logp[:, banned] = -torch.inf
+    if step == 0:
+        logp[:, vocab.end] = -torch.inf
+    n = options.no_repeat_ngram_size
+    if n and step >= n:
+        windows = words.unfold(1, n, 1)  # (rows, step - n + 1, n): every n-gram so far
+        prefix = words[:, step - n + 1 :]  # the n-1 last words, which the next word would extend
+        seen = (windows[:, :, :-1] == prefix.unsqueeze(1)).all(dim=2) if n > 1 else torch.ones_like(windows[..., 0], dtype=torch.bool)
+        blocked = torch.zeros_like(logp).scatter_reduce_(1, windows[:, :, -1], seen.float(), reduce="amax")
+        blocked[:, vocab.end] = 0
+        logp = logp.masked_fill(blocked.bool(), -torch.inf)
+    if step == options.max_length:
+        end = logp[:, vocab.end].clone()
+        logp.fill_(-torch.inf)
+        logp[:, vocab.end] = end
+    return logp
+
+
+def _greedy(
+    decoder: CaptionDecoder, memory: Memory, state: State, vocab: Vocabulary, options: DecodingOptions
+) -> list[Hypothesis]:
+    batch = state[0].size(0)
+    device = state[0].device
+    tokens = torch.full((batch,), vocab.start, dtype=torch.long, device=device)
+    words = torch.empty((batch, 0), dtype=torch.long, device=device)
+    log_prob = torch.zeros(batch, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(options.max_length + 1):
+        logits, state, _ = decoder.step(tokens, state, memory)
+        logp = _log_probs(logits, words, step, vocab, options)
+        best, tokens = logp.max(dim=1)
+        tokens = tokens.masked_fill(finished, vocab.pad)
+        log_prob += best.masked_fill(finished, 0.0)
+        lengths += (~finished).long()
+        words = torch.cat([words, tokens.unsqueeze(1)], dim=1)
+        finished |= tokens == vocab.end
+        if bool(finished.all()):
+            break
+    scores = log_prob / _length_norm(lengths, options.length_penalty)
+    return [
+        Hypothesis(_strip(row, vocab), float(lp), float(s))
+        for row, lp, s in zip(words.tolist(), log_prob.tolist(), scores.tolist())
+    ]
+
+
+def _beam_search(
+    decoder: CaptionDecoder, memory: Memory, state: State, vocab: Vocabulary, options: DecodingOptions
+) -> list[list[Hypothesis]]:
+    batch, k = state[0].size(0), options.beam_size
+    device = state[0].device
+    # Every image's memory and state is repeated K times: row b * K + j is beam j of image b.
+    rows = torch.arange(batch, device=device).repeat_interleave(k)
+    memory = tuple(m[rows] for m in memory)
+    state = tuple(s[rows] for s in state)
+    tokens = torch.full((batch * k,), vocab.start, dtype=torch.long, device=device)
+    words = torch.empty((batch * k, 0), dtype=torch.long, device=device)
+    # Only beam 0 is live at the start, so the first step picks K different words instead of K copies of one.
+    log_prob = torch.full((batch, k), -torch.inf, device=device)
+    log_prob[:, 0] = 0.0
+    log_prob = log_prob.view(-1)
+    lengths = torch.zeros(batch * k, dtype=torch.long, device=device)
+    finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
+    offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)
+    for step in range(options.max_length + 1):
+        logits, state, _ = decoder.step(tokens, state, memory)
+        logp = _log_probs(logits, words, step, vocab, options)
+        # A finished beam continues only with <pad>, at no cost, so it keeps its place and score.
+        logp[finished] = -torch.inf
+        logp[finished, vocab.pad] = 0.0
+        candidates = log_prob.unsqueeze(1) + logp  # (batch * K, vocab)
+        new_lengths = lengths + (~finished).long()
+        ranking = candidates / _length_norm(new_lengths, options.length_penalty).unsqueeze(1)
+        vocab_size = ranking.size(1)
+        _, best = ranking.view(batch, k * vocab_size).topk(k, dim=1)  # (batch, K)
+        source = (offsets + best // vocab_size).view(-1)  # which row each new beam extends
+        tokens = (best % vocab_size).view(-1)
+        log_prob = candidates.view(batch, k * vocab_size).gather(1, best).view(-1)
+        lengths = new_lengths[source]
+        finished = finished[source] | (tokens == vocab.end)
+        words = torch.cat([words[source], tokens.unsqueeze(1)], dim=1)
+        state = tuple(s[source] for s in state)
+        if bool(finished.all()):
+            break
+    scores = (log_prob / _length_norm(lengths, options.length_penalty)).view(batch, k)
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    words_list, log_prob_list, scores_list = words.tolist(), log_prob.view(batch, k).tolist(), scores.tolist()
+    results = []
+    for b, beam_order in enumerate(order.tolist()):
+        hyps = [
+            Hypothesis(_strip(words_list[b * k + j], vocab), log_prob_list[b][j], scores_list[b][j])
+            for j in beam_order
+            if log_prob_list[b][j] > -float("inf")
+        ]
+        results.append(hyps[: options.num_captions])
+    return results
+
+
+def _strip(row: list[int], vocab: Vocabulary) -> list[int]:
+    """Word ids up to (not including) ``<end>``."""
+    out = []
+    for token in row:
+        if token == vocab.end:
+            break
+        if token != vocab.pad:
+            out.append(token)
+    return out

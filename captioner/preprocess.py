@@ -1,0 +1,170 @@
+"""The one preprocessing path: any image source -> RGB PIL image -> normalised tensor.
+
+Training, batch captioning and the service all call :func:`load_image` and :func:`to_tensor` (or
+:func:`preprocess`, which is both), with the :class:`PreprocessConfig` stored in the model's checkpoint, so a caption
+never depends on which door an image came in by.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from captioner.errors import CorruptImageError, ImageTooLargeError, NotAnImageError
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
+
+# A decoded image bigger than this is refused before its pixels are allocated (decompression bombs).
+DEFAULT_MAX_PIXELS = 50_000_000
+
+# We check sizes ourselves (with a clear error), so Pillow's own bomb check must not fire first with a warning.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How pixels become the encoder's input; saved in every checkpoint.
+
+    ``resize="squash"`` resizes to ``size`` x ``size`` without keeping the aspect ratio (how Flickr8k's 224x224
+    copies were made, so inference sees what training saw); ``"crop"`` resizes the shorter side and centre-crops.
+    """
+
+    size: int = 224
+    resize: str = "squash"
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("squash", "crop"):
+            raise ValueError(f"unknown resize mode {self.resize!r} (expected 'squash' or 'crop')")
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"unknown interpolation {self.interpolation!r} (expected one of {sorted(_RESAMPLE)})")
+        if self.size < 16:
+            raise ValueError(f"image size {self.size} is too small")
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict of the parameters."""
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> PreprocessConfig:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            size=int(data["size"]),
+            resize=str(data["resize"]),
+            interpolation=str(data["interpolation"]),
+            mean=tuple(float(x) for x in data["mean"]),
+            std=tuple(float(x) for x in data["std"]),
+        )
+
+
+def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image lazily (header only) and check its size, raising a library error for bad input."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) == 0:
+                raise NotAnImageError("empty file: zero bytes")
+            fp: io.BytesIO | str | os.PathLike = io.BytesIO(bytes(source))
+        else:
+            fp = source
+            if not Path(fp).is_file():
+                raise FileNotFoundError(f"no such image file: {fp}")
+            if Path(fp).stat().st_size == 0:
+                raise NotAnImageError(f"empty file: {fp}")
+        try:
+            image = Image.open(fp)
+        except UnidentifiedImageError as exc:
+            raise NotAnImageError("not an image, or an image format Pillow cannot read") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise CorruptImageError(f"cannot read image header: {exc}") from exc
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise CorruptImageError(f"image has an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        # Palette images may carry transparency in their info; RGBA keeps it for the composite below.
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode != "F" and array.max(initial=0) > 255:  # 16-bit range -> 8-bit range
+            array = array / 257.0
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_image(
+    source: ImageSource, config: PreprocessConfig | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode any supported image source to an upright RGB PIL image.
+
+    JPEGs are decoded in draft mode at the smallest DCT scale that still covers ``config.size``: a 12-megapixel
+    photo decodes at 1/8 of its pixels, because the model only ever sees 224x224 of them.
+    """
+    config = config or PreprocessConfig()
+    image = open_image(source, max_pixels=max_pixels)
+    try:
+        if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            image.draft("RGB" if image.mode != "L" else "L", (config.size, config.size))
+        if getattr(image, "is_animated", False):
+            image.seek(0)  # first frame of an animated GIF/PNG/WebP
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. palette-with-transparency notices
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise CorruptImageError(f"image data is truncated or corrupt: {exc}") from exc
+
+
+def to_tensor(image: Image.Image, config: PreprocessConfig | None = None) -> torch.Tensor:
+    """Resize and normalise an RGB image to a float tensor of shape (3, size, size)."""
+    config = config or PreprocessConfig()
+    size, resample = config.size, _RESAMPLE[config.interpolation]
+    if config.resize == "squash":
+        image = image.resize((size, size), resample, reducing_gap=None)
+    else:
+        width, height = image.size
+        scale = size / min(width, height)
+        new = (max(size, round(width * scale)), max(size, round(height * scale)))
+        image = image.resize(new, resample)
+        left, top = (new[0] - size) // 2, (new[1] - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(config.mean).view(3, 1, 1)
+    std = torch.tensor(config.std).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def preprocess(
+    source: ImageSource, config: PreprocessConfig | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> torch.Tensor:
+    """Any image source to the encoder's input tensor (3, size, size): :func:`load_image` then :func:`to_tensor`."""
+    return to_tensor(load_image(source, config, max_pixels), config)
