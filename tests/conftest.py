@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random-weight models so the suite runs in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.checkpoint import CaptionModel, save_model
+from captioner.encoder import build_encoder
+from captioner.model import CaptionDecoder, DecoderConfig
+from captioner.preprocess import PreprocessConfig
+from captioner.vocabulary import Vocabulary
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FLICKR8K = SHARED / "data" / "flickr8k"
+COCO_VAL = SHARED / "data" / "coco" / "captions_val2017.json"
+
+TINY_CAPTIONS = [
+    "a dog runs on the grass",
+    "a black dog jumps over a log",
+    "a cat sits on a red mat",
+    "two children play in the snow",
+    "a man rides a bike down the street",
+    "a woman in a red dress walks on the beach",
+]
+
+
+def tiny_model(conditioning: str = "attention", cell: str = "lstm", num_layers: int = 1, seed: int = 0) -> CaptionModel:
+    """A random-weight model: MobileNetV2 architecture (random init) at 64px, a small decoder."""
+    torch.manual_seed(seed)
+    vocab = Vocabulary.build(TINY_CAPTIONS, min_count=1)
+    encoder = build_encoder("mobilenet_v2", pretrained=False)
+    decoder = CaptionDecoder(
+        DecoderConfig(len(vocab), encoder.channels, embed_dim=16, hidden_dim=32, attention_dim=16,
+                      num_layers=num_layers, cell=cell, conditioning=conditioning, dropout=0.0)
+    )
+    return CaptionModel(encoder.eval(), decoder.eval(), vocab, PreprocessConfig(size=64), name="tiny", version="test")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny model directory (read-only use: copy it before modifying)."""
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_model(tiny_model(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def flickr8k_dir() -> Path:
+    """The real Flickr8k data beside the checkout; tests using it skip when it is absent."""
+    if not (FLICKR8K / "Flickr8k.token.txt").is_file():
+        pytest.skip("../shared/data/flickr8k is not available")
+    return FLICKR8K

@@ -1,0 +1,1 @@
+"""Training pipeline: data, features cache, training loop and evaluation."""
