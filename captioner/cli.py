@@ -9,7 +9,10 @@ import sys
 from collections.abc import Sequence
 
 # Each module adds its sub-commands; the function a sub-command runs is stored as ``args.run``.
-COMMAND_MODULES = ("captioner.caption_command",)
+COMMAND_MODULES = (
+    "captioner.caption_command",
+    "training.prepare_command",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
