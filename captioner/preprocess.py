@@ -110,7 +110,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        if image.mode != "F" and array.max(initial=0) > 255:  # 16-bit range -> 8-bit range
+        # 16-bit range -> 8-bit range: always for I;16 (even a dark image whose values are all <= 255), by value for I
+        if image.mode.startswith("I;16") or (image.mode == "I" and array.max(initial=0) > 255):
             array = array / 257.0
         image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
