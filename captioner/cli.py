@@ -12,6 +12,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "captioner.caption_command",
     "training.prepare_command",
+    "training.evaluate_command",
 )
 
 

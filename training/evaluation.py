@@ -1,0 +1,272 @@
+"""Caption metrics (pycocoevalcap's BLEU, METEOR, ROUGE-L, CIDEr) and COCO results files.
+
+Scores stay on pycocoevalcap's native 0-1 scale (CIDEr can exceed 1); multiply by 100 only for display.
+
+:func:`evaluate_model` captions a dataset with a :class:`~captioner.api.Captioner` and scores it.
+
+``java_tokenizer=True`` tokenises like the official COCO evaluation (Stanford PTBTokenizer, a Java process);
+``java_tokenizer=False`` uses :func:`captioner.vocabulary.tokenize`, which is pure Python and fast: the training
+loop scores CIDEr on the validation split that way every epoch. METEOR always needs Java. SPICE is not supported
+(it needs Stanford CoreNLP models downloaded at run time); asking for it logs a note and skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from captioner.api import Captioner
+from captioner.atomic import atomic_write_text
+from captioner.decoding import DecodingOptions
+from captioner.errors import CaptionerError
+from captioner.vocabulary import tokenize
+from training.data import CaptionDataset
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS: dict[str, tuple[str, ...]] = {
+    "bleu": ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"),
+    "meteor": ("METEOR",),
+    "rouge": ("ROUGE-L",),
+    "cider": ("CIDEr",),
+}
+DEFAULT_METRICS = ("bleu", "meteor", "rouge", "cider")
+UNSUPPORTED_METRICS = ("spice",)
+
+
+class ResultsFileError(CaptionerError, ValueError):
+    """A COCO results file is malformed."""
+
+
+class JavaNotFoundError(CaptionerError, RuntimeError):
+    """A metric or the PTB tokenizer needs Java, and there is none."""
+
+
+def _scorer(metric: str) -> object:
+    # Imported here so that importing this module (e.g. by the training loop) stays cheap.
+    if metric == "bleu":
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        return Bleu(4)
+    if metric == "meteor":
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        return Meteor()  # starts a Java process
+    if metric == "rouge":
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        return Rouge()
+    from pycocoevalcap.cider.cider import Cider
+
+    return Cider()
+
+
+def _require_java(why: str) -> None:
+    if shutil.which("java") is None:
+        raise JavaNotFoundError(f"{why} needs Java, but 'java' is not on PATH: install a JRE, or use the Python "
+                                "tokenizer (java_tokenizer=False, --python-tokenizer) and leave out METEOR")
+
+
+def _tokenize(
+    predictions: dict[int, str], references: dict[int, list[str]], java_tokenizer: bool,
+) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """Tokenised (space-joined) predictions and references, as pycocoevalcap's scorers take them."""
+    if not java_tokenizer:
+        res = {i: [" ".join(tokenize(c))] for i, c in predictions.items()}
+        gts = {i: [" ".join(tokenize(c)) for c in references[i]] for i in predictions}
+        return res, gts
+    _require_java("the PTB tokenizer")
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    # One Java run for both sides: keys ("p", id) for predictions and ("r", id) for references.
+    captions = {("p", i): [{"caption": c}] for i, c in predictions.items()}
+    captions |= {("r", i): [{"caption": c} for c in references[i]] for i in predictions}
+    tokens = PTBTokenizer().tokenize(captions)
+    return {i: tokens[("p", i)] for i in predictions}, {i: tokens[("r", i)] for i in predictions}
+
+
+def compute_metrics(
+    predictions: dict[int, str], references: dict[int, list[str]], metrics: Sequence[str] = DEFAULT_METRICS,
+    java_tokenizer: bool = True,
+) -> dict[str, float]:
+    """Corpus scores of one caption per image against its references, over the images in ``predictions``.
+
+    Keys: ``BLEU-1``..``BLEU-4``, ``METEOR``, ``ROUGE-L``, ``CIDEr`` (those of the requested ``metrics``), values
+    on the 0-1 scale. Every predicted image needs at least one reference. Note that CIDEr's document frequencies
+    come from the scored images' references, so it is only meaningful over many images.
+    """
+    unknown = [m for m in metrics if m not in METRIC_KEYS and m not in UNSUPPORTED_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown} (expected some of {sorted(METRIC_KEYS)})")
+    for metric in (m for m in metrics if m in UNSUPPORTED_METRICS):
+        log.warning("%s skipped: it needs Stanford CoreNLP models downloaded at run time, which is not supported",
+                    metric.upper())
+    if not predictions:
+        raise ValueError("no predictions to score")
+    unreferenced = [i for i in predictions if not references.get(i)]
+    if unreferenced:
+        raise ValueError(f"{len(unreferenced)} predicted images have no reference captions (e.g. id {unreferenced[0]})")
+    if "meteor" in metrics:
+        _require_java("METEOR")
+    res, gts = _tokenize(predictions, references, java_tokenizer)
+    scores: dict[str, float] = {}
+    for metric in (m for m in DEFAULT_METRICS if m in metrics):
+        scorer = _scorer(metric)
+        if metric == "bleu":
+            score, _ = scorer.compute_score(gts, res, verbose=0)
+        else:
+            score, _ = scorer.compute_score(gts, res)
+        del scorer  # METEOR's Java process ends with its scorer
+        values = score if isinstance(score, list) else [score]
+        scores |= {key: float(value) for key, value in zip(METRIC_KEYS[metric], values, strict=True)}
+    return scores
+
+
+def distinct_caption_share(predictions: dict[int, str]) -> float:
+    """The number of distinct captions over the number of images (1.0: every caption is different)."""
+    if not predictions:
+        return 0.0
+    return len({" ".join(tokenize(c)) for c in predictions.values()}) / len(predictions)
+
+
+def metric_label(key: str) -> str:
+    """How a metrics key is shown next to its value x100."""
+    return "distinct captions (%)" if key == "distinct_caption_share" else key
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A two-column text table of the scores x100 (``distinct_caption_share`` as a percentage)."""
+    lines = [f"{'metric':<24}{'score':>8}"]
+    lines += [f"{metric_label(key):<24}{100 * value:>8.2f}" for key, value in metrics.items()]
+    return "\n".join(lines)
+
+
+def write_results(predictions: dict[int, str], path: str | Path) -> Path:
+    """Write a COCO results file ``[{"image_id": ..., "caption": ...}]`` (sorted by id) atomically."""
+    results = [{"image_id": int(i), "caption": predictions[i]} for i in sorted(predictions)]
+    atomic_write_text(path, json.dumps(results, ensure_ascii=False, indent=0))
+    return Path(path)
+
+
+def load_results(path: str | Path) -> dict[int | str, str]:
+    """Read and validate a COCO results file: a list of ``{"image_id": ..., "caption": str}``, one per image.
+
+    COCO ids are integers; string ids (what ``captioner caption --format coco`` writes for a file name that is not a
+    number) are accepted too and matched to images by :func:`match_results`.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ResultsFileError(f"{path}: cannot read results file ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ResultsFileError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, list):
+        raise ResultsFileError(f"{path}: a results file is a JSON list of {{'image_id', 'caption'}} objects")
+    predictions: dict[int | str, str] = {}
+    for n, entry in enumerate(data):
+        where = f"{path}: entry {n}"
+        if not isinstance(entry, dict) or "image_id" not in entry or "caption" not in entry:
+            raise ResultsFileError(f"{where}: expected an object with 'image_id' and 'caption'")
+        image_id, caption = entry["image_id"], entry["caption"]
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+            raise ResultsFileError(f"{where}: image_id must be an integer (or a file name stem), got {image_id!r}")
+        if not isinstance(caption, str):
+            raise ResultsFileError(f"{where}: caption must be a string, got {caption!r}")
+        if image_id in predictions:
+            raise ResultsFileError(f"{where}: image_id {image_id!r} appears more than once (one caption per image)")
+        predictions[image_id] = caption
+    return predictions
+
+
+def match_results(results: dict[int | str, str], dataset: CaptionDataset) -> dict[int, str]:
+    """Results keyed by the dataset's image ids: integer ids as they are, string ids by image file stem.
+
+    Raises ValueError when an id matches no image of the dataset.
+    """
+    known = {record.image_id for record in dataset.images}
+    by_stem = {record.path.stem: record.image_id for record in dataset.images}
+    matched: dict[int, str] = {}
+    unknown = []
+    for image_id, caption in results.items():
+        key = by_stem.get(image_id) if isinstance(image_id, str) else image_id if image_id in known else None
+        if key is None:
+            unknown.append(image_id)
+        elif key in matched:
+            raise ValueError(f"two results are for image {key} ({image_id!r} is one of them)")
+        else:
+            matched[key] = caption
+    if unknown:
+        raise ValueError(f"{len(unknown)} result image ids match no annotated image (e.g. {unknown[0]!r})")
+    return matched
+
+
+class _ImageTensors(Dataset):
+    """Preprocessed images for the DataLoader workers: (index, tensor, None), or (index, None, error message)."""
+
+    def __init__(self, paths: list[Path], load: Callable[[Path], torch.Tensor]) -> None:
+        self.paths, self.load = paths, load
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, self.load(self.paths[index]), None
+        except (CaptionerError, OSError) as exc:
+            return index, None, str(exc)
+
+
+def _collate(
+    items: list[tuple[int, torch.Tensor | None, str | None]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    good = [(i, t) for i, t, _ in items if t is not None]
+    failed = [(i, error) for i, t, error in items if t is None]
+    return [i for i, _ in good], torch.stack([t for _, t in good]) if good else None, failed
+
+
+def caption_dataset(
+    captioner: Captioner, dataset: CaptionDataset, options: DecodingOptions, batch_size: int = 64,
+    num_workers: int = 2, progress: bool = True,
+) -> dict[int, str]:
+    """The best caption of each image by id; images that cannot be read are logged and left out."""
+    paths = [record.path for record in dataset.images]
+    loader = DataLoader(_ImageTensors(paths, captioner.load_tensor), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate)
+    predictions: dict[int, str] = {}
+    failures: list[tuple[int, str]] = []
+    with tqdm(total=len(paths), desc="captioning", unit="img", disable=not progress) as bar:
+        for rows, batch, failed in loader:
+            failures += failed
+            if batch is not None:
+                for row, captions in zip(rows, captioner.caption_tensors(batch, options), strict=True):
+                    predictions[dataset.images[row].image_id] = captions[0].text
+            bar.update(len(rows) + len(failed))
+    if failures:
+        row, error = failures[0]
+        log.warning("%d of %d images could not be read and are not scored (first: %s: %s)",
+                    len(failures), len(paths), paths[row], error)
+    return predictions
+
+
+def evaluate_model(
+    captioner: Captioner, dataset: CaptionDataset, options: DecodingOptions, batch_size: int = 64, *,
+    metrics: Sequence[str] = DEFAULT_METRICS, java_tokenizer: bool = True, num_workers: int = 2,
+    progress: bool = True,
+) -> tuple[dict[int, str], dict[str, float]]:
+    """Caption every image of ``dataset`` and score the captions against its references.
+
+    Returns the predictions by image id and the :func:`compute_metrics` scores plus ``distinct_caption_share``.
+    """
+    predictions = caption_dataset(captioner, dataset, options, batch_size, num_workers, progress)
+    if not predictions:
+        raise ValueError(f"none of the {len(dataset)} images could be read")
+    scores = compute_metrics(predictions, dataset.references(), metrics, java_tokenizer)
+    scores["distinct_caption_share"] = distinct_caption_share(predictions)
+    return predictions, scores
