@@ -75,11 +75,14 @@ class Captioner:
         return to_tensor(load_image(image, self.preprocess_config, max_pixels), self.preprocess_config)
 
     def caption(
-        self, images: ImageSource | Sequence[ImageSource], strategy: str = "beam", beam_size: int = 3,
-        max_length: int = 20, num_captions: int = 1, length_penalty: float | None = None,
+        self, images: ImageSource | Sequence[ImageSource], strategy: str | None = None, beam_size: int | None = None,
+        max_length: int | None = None, num_captions: int | None = None, length_penalty: float | None = None,
         no_repeat_ngram_size: int | None = None,
     ) -> list[list[Caption]]:
-        """Caption one image or a list of images (paths, bytes or PIL images): per image, captions best first."""
+        """Caption one image or a list of images (paths, bytes or PIL images): per image, captions best first.
+
+        Options left as None take the model's recorded decoding defaults, then :class:`DecodingOptions`' defaults.
+        """
         if isinstance(images, (str, Path, bytes, bytearray, memoryview)) or not isinstance(images, Sequence):
             images = [images]
         options = self.options(
