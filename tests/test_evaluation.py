@@ -14,6 +14,7 @@ from captioner.cli import main
 from training.data import load_coco
 from training.evaluation import (
     ResultsFileError,
+    check_metrics,
     compute_metrics,
     distinct_caption_share,
     format_metrics,
@@ -47,8 +48,10 @@ def test_cider_alone_never_starts_java(monkeypatch: pytest.MonkeyPatch) -> None:
     """The training loop's per-epoch validation path."""
     monkeypatch.setenv("PATH", "")
     assert compute_metrics(IDENTICAL, REFERENCES, ("cider",), java_tokenizer=False)["CIDEr"] > 0
-    with pytest.raises(RuntimeError, match="needs Java"):
+    with pytest.raises(RuntimeError, match="the PTB tokenizer needs Java"):
         compute_metrics(IDENTICAL, REFERENCES, ("cider",))
+    with pytest.raises(RuntimeError, match="METEOR needs Java"):  # what evaluate_model checks before captioning
+        check_metrics(("bleu", "meteor"), java_tokenizer=False)
 
 
 @needs_java

@@ -166,9 +166,8 @@ def load_coco(
     records = []
     for image_id, info in coco.imgs.items():
         captions = [ann.get("caption") for ann in coco.imgToAnns.get(image_id, [])]
-        record = ImageRecord(int(image_id), image_dir / info["file_name"], _clean_captions(captions, report))
-        record.width, record.height = info.get("width"), info.get("height")
-        records.append(record)
+        records.append(ImageRecord(int(image_id), image_dir / info["file_name"], _clean_captions(captions, report),
+                                   info.get("width"), info.get("height")))
     return _finish(records, report, image_dir, annotation_file, skip_missing_images)
 
 

@@ -24,12 +24,11 @@ from training.evaluation import (
     DEFAULT_METRICS,
     METRIC_KEYS,
     UNSUPPORTED_METRICS,
-    compute_metrics,
-    distinct_caption_share,
     evaluate_model,
     format_metrics,
     load_results,
     match_results,
+    score_captions,
     write_results,
 )
 from training.report import write_report
@@ -68,9 +67,7 @@ def _score_results(args: argparse.Namespace, dataset: CaptionDataset) -> tuple[d
     if len(predictions) < len(dataset):
         log.warning("the results cover %d of the %d annotated images; scoring those only", len(predictions),
                     len(dataset))
-    metrics = compute_metrics(predictions, dataset.references(), args.metrics, not args.python_tokenizer)
-    metrics["distinct_caption_share"] = distinct_caption_share(predictions)
-    return predictions, metrics
+    return predictions, score_captions(predictions, dataset.references(), args.metrics, not args.python_tokenizer)
 
 
 def run(args: argparse.Namespace) -> int:

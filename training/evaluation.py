@@ -12,18 +12,18 @@ loop scores CIDEr on the validation split that way every epoch. METEOR always ne
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.api import Captioner
 from captioner.atomic import atomic_write_text
+from captioner.batch import caption_batches
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError
 from captioner.vocabulary import tokenize
@@ -68,9 +68,14 @@ def _scorer(metric: str) -> object:
     return Cider()
 
 
-def _require_java(why: str) -> None:
-    if shutil.which("java") is None:
-        raise JavaNotFoundError(f"{why} needs Java, but 'java' is not on PATH: install a JRE, or use the Python "
+def check_metrics(metrics: Sequence[str], java_tokenizer: bool = True) -> None:
+    """Raise now, before any captioning, if a metric is unknown or the request needs Java and there is none."""
+    unknown = [m for m in metrics if m not in METRIC_KEYS and m not in UNSUPPORTED_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown} (expected some of {sorted(METRIC_KEYS)})")
+    needs = "METEOR" if "meteor" in metrics else "the PTB tokenizer" if java_tokenizer else None
+    if needs and shutil.which("java") is None:
+        raise JavaNotFoundError(f"{needs} needs Java, but 'java' is not on PATH: install a JRE, or use the Python "
                                 "tokenizer (java_tokenizer=False, --python-tokenizer) and leave out METEOR")
 
 
@@ -82,7 +87,6 @@ def _tokenize(
         res = {i: [" ".join(tokenize(c))] for i, c in predictions.items()}
         gts = {i: [" ".join(tokenize(c)) for c in references[i]] for i in predictions}
         return res, gts
-    _require_java("the PTB tokenizer")
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     # One Java run for both sides: keys ("p", id) for predictions and ("r", id) for references.
@@ -102,9 +106,7 @@ def compute_metrics(
     on the 0-1 scale. Every predicted image needs at least one reference. Note that CIDEr's document frequencies
     come from the scored images' references, so it is only meaningful over many images.
     """
-    unknown = [m for m in metrics if m not in METRIC_KEYS and m not in UNSUPPORTED_METRICS]
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown} (expected some of {sorted(METRIC_KEYS)})")
+    check_metrics(metrics, java_tokenizer)
     for metric in (m for m in metrics if m in UNSUPPORTED_METRICS):
         log.warning("%s skipped: it needs Stanford CoreNLP models downloaded at run time, which is not supported",
                     metric.upper())
@@ -113,8 +115,6 @@ def compute_metrics(
     unreferenced = [i for i in predictions if not references.get(i)]
     if unreferenced:
         raise ValueError(f"{len(unreferenced)} predicted images have no reference captions (e.g. id {unreferenced[0]})")
-    if "meteor" in metrics:
-        _require_java("METEOR")
     res, gts = _tokenize(predictions, references, java_tokenizer)
     scores: dict[str, float] = {}
     for metric in (m for m in DEFAULT_METRICS if m in metrics):
@@ -134,6 +134,16 @@ def distinct_caption_share(predictions: dict[int, str]) -> float:
     if not predictions:
         return 0.0
     return len({" ".join(tokenize(c)) for c in predictions.values()}) / len(predictions)
+
+
+def score_captions(
+    predictions: dict[int, str], references: dict[int, list[str]], metrics: Sequence[str] = DEFAULT_METRICS,
+    java_tokenizer: bool = True,
+) -> dict[str, float]:
+    """:func:`compute_metrics` plus ``distinct_caption_share``: everything an evaluation reports."""
+    scores = compute_metrics(predictions, references, metrics, java_tokenizer)
+    scores["distinct_caption_share"] = distinct_caption_share(predictions)
+    return scores
 
 
 def metric_label(key: str) -> str:
@@ -207,51 +217,24 @@ def match_results(results: dict[int | str, str], dataset: CaptionDataset) -> dic
     return matched
 
 
-class _ImageTensors(Dataset):
-    """Preprocessed images for the DataLoader workers: (index, tensor, None), or (index, None, error message)."""
-
-    def __init__(self, paths: list[Path], load: Callable[[Path], torch.Tensor]) -> None:
-        self.paths, self.load = paths, load
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return index, self.load(self.paths[index]), None
-        except (CaptionerError, OSError) as exc:
-            return index, None, str(exc)
-
-
-def _collate(
-    items: list[tuple[int, torch.Tensor | None, str | None]],
-) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    good = [(i, t) for i, t, _ in items if t is not None]
-    failed = [(i, error) for i, t, error in items if t is None]
-    return [i for i, _ in good], torch.stack([t for _, t in good]) if good else None, failed
-
-
 def caption_dataset(
     captioner: Captioner, dataset: CaptionDataset, options: DecodingOptions, batch_size: int = 64,
     num_workers: int = 2, progress: bool = True,
 ) -> dict[int, str]:
     """The best caption of each image by id; images that cannot be read are logged and left out."""
-    paths = [record.path for record in dataset.images]
-    loader = DataLoader(_ImageTensors(paths, captioner.load_tensor), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate)
+    paths = [str(record.path) for record in dataset.images]
+    records = itertools.chain.from_iterable(caption_batches(captioner, paths, options, batch_size, num_workers))
     predictions: dict[int, str] = {}
-    failures: list[tuple[int, str]] = []
-    with tqdm(total=len(paths), desc="captioning", unit="img", disable=not progress) as bar:
-        for rows, batch, failed in loader:
-            failures += failed
-            if batch is not None:
-                for row, captions in zip(rows, captioner.caption_tensors(batch, options), strict=True):
-                    predictions[dataset.images[row].image_id] = captions[0].text
-            bar.update(len(rows) + len(failed))
+    failures: list[dict] = []
+    for image, record in tqdm(zip(dataset.images, records, strict=True), total=len(paths), desc="captioning",
+                              unit="img", disable=not progress):
+        if "error" in record:
+            failures.append(record)
+        else:
+            predictions[image.image_id] = record["caption"]
     if failures:
-        row, error = failures[0]
         log.warning("%d of %d images could not be read and are not scored (first: %s: %s)",
-                    len(failures), len(paths), paths[row], error)
+                    len(failures), len(paths), failures[0]["image"], failures[0]["error"])
     return predictions
 
 
@@ -262,11 +245,10 @@ def evaluate_model(
 ) -> tuple[dict[int, str], dict[str, float]]:
     """Caption every image of ``dataset`` and score the captions against its references.
 
-    Returns the predictions by image id and the :func:`compute_metrics` scores plus ``distinct_caption_share``.
+    Returns the predictions by image id and the :func:`score_captions` scores.
     """
+    check_metrics(metrics, java_tokenizer)  # fail before captioning, not after
     predictions = caption_dataset(captioner, dataset, options, batch_size, num_workers, progress)
     if not predictions:
         raise ValueError(f"none of the {len(dataset)} images could be read")
-    scores = compute_metrics(predictions, dataset.references(), metrics, java_tokenizer)
-    scores["distinct_caption_share"] = distinct_caption_share(predictions)
-    return predictions, scores
+    return predictions, score_captions(predictions, dataset.references(), metrics, java_tokenizer)
