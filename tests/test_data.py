@@ -134,6 +134,7 @@ def test_write_coco_round_trip(tmp_path: Path) -> None:
     assert data["images"][0] == {"id": 100, "file_name": "train2014/img0.jpg"}
     assert data["info"]["image_dir"] == str((tmp_path / "images").resolve())
     assert [a["id"] for a in data["annotations"]] == list(range(1, 7))
+    assert load_coco(path, "").image_dir == (tmp_path / "images").resolve()  # "": an unset config value
     again = load_coco(path)  # image folder from info.image_dir
     assert [(r.image_id, r.path.resolve(), r.captions) for r in again.images] == [
         (r.image_id, r.path.resolve(), r.captions) for r in dataset.images

@@ -149,14 +149,14 @@ def load_coco(
 ) -> CaptionDataset:
     """Read a COCO captions file (``captions_train2014.json``-style) with images under ``image_dir``.
 
-    ``image_dir`` defaults to the folder :func:`write_coco` recorded in the file's ``info.image_dir``, else the
-    annotation file's folder. Images with missing or unreadable files are kept (and reported) unless
-    ``skip_missing_images``; evaluation ground truth does not need the pixels.
+    ``image_dir`` (when None or "") defaults to the folder :func:`write_coco` recorded in the file's
+    ``info.image_dir``, else the annotation file's folder. Images with missing or unreadable files are kept (and
+    reported) unless ``skip_missing_images``; evaluation ground truth does not need the pixels.
     """
     annotation_file = Path(annotation_file)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
         coco = COCO(str(annotation_file))
-    if image_dir is None:
+    if not image_dir:  # None or "" (an unset config value)
         info = coco.dataset.get("info")
         recorded = info.get("image_dir") if isinstance(info, dict) else None
         image_dir = recorded or annotation_file.parent
