@@ -113,6 +113,8 @@ def test_karpathy_flickr_style(tmp_path: Path) -> None:
     assert dataset.report.empty_captions == 1
     with pytest.raises(ValueError, match="splits present: val"):
         load_karpathy({"images": entries}, tmp_path, "test")
+    with pytest.raises(ValueError, match="image entry 0 is malformed"):
+        load_karpathy({"images": [{"imgid": 1, "split": "val"}]}, tmp_path, "val")
 
 
 def test_flickr8k_token_file_quirks(tmp_path: Path) -> None:

@@ -204,13 +204,16 @@ def load_karpathy(
     wanted = {split, "restval"} if split == "train" and include_restval else {split}
     report = LoadReport(f"{source} [{split}]")
     records = []
-    for entry in entries:
+    for n, entry in enumerate(entries):
         if entry.get("split") not in wanted:
             continue
-        image_id = entry.get("cocoid", entry.get("imgid"))
-        path = image_dir / entry.get("filepath", "") / entry["filename"]
-        sentences = [s.get("raw") or " ".join(s.get("tokens", [])) for s in entry.get("sentences", [])]
-        records.append(ImageRecord(int(image_id), path, _clean_captions(sentences, report)))
+        try:
+            image_id = int(entry.get("cocoid", entry.get("imgid")))
+            path = image_dir / entry.get("filepath", "") / entry["filename"]
+            sentences = [s.get("raw") or " ".join(s.get("tokens", [])) for s in entry.get("sentences", [])]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{source}: image entry {n} is malformed ({exc!r})") from exc
+        records.append(ImageRecord(image_id, path, _clean_captions(sentences, report)))
     if not records:
         present = sorted({str(e.get("split")) for e in entries})
         raise ValueError(f"{source}: no images in split {split!r} (splits present: {', '.join(present)})")
