@@ -50,7 +50,7 @@ class JavaNotFoundError(CaptionerError, RuntimeError):
 
 
 def _scorer(metric: str) -> object:
-    # Imported here so that importing this module (e.g. by the training loop) stays cheap.
+    # Imported when a metric is asked for: most callers need one or two of them.
     if metric == "bleu":
         from pycocoevalcap.bleu.bleu import Bleu
 
