@@ -1,0 +1,42 @@
+"""``captioner serve``: the HTTP service on Werkzeug's threaded development server (use gunicorn in production)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("service.cli")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="run the HTTP service for development (production: gunicorn -c service/gunicorn.conf.py)",
+        description="Serve the captioning API and web page on Werkzeug's threaded server. Settings not given here "
+                    "come from the CAPTIONER_* environment variables (see the README).",
+    )
+    parser.add_argument("--model", default=None, help="model directory (default: $CAPTIONER_MODEL, else the bundled)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--device", default=None, help="torch device (default: $CAPTIONER_DEVICE, else auto)")
+    parser.add_argument("--no-batching", action="store_true", help="caption each request on its own")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from werkzeug.serving import run_simple
+
+    from service.app import create_app
+    from service.logs import configure_logging
+
+    configure_logging(force=True)
+    config: dict[str, object] = {"load_in_background": False}
+    if args.model is not None:
+        config["model"] = args.model
+    if args.device is not None:
+        config["device"] = args.device
+    if args.no_batching:
+        config["batching"] = False
+    app = create_app(config)
+    log.info("serving on http://%s:%d/ (development server; use gunicorn in production)", args.host, args.port)
+    run_simple(args.host, args.port, app, threaded=True, use_reloader=False, use_debugger=False)
+    return 0

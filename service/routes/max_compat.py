@@ -1,0 +1,54 @@
+"""IBM MAX Image Caption Generator compatible routes: ``POST /model/predict`` and ``GET /model/metadata``.
+
+Existing MAX clients keep working: ``predict`` takes a multipart ``image`` and answers with the top 3 beam-search
+captions as ``{"status": "ok", "predictions": [{"index": "0", "caption": ..., "probability": ...}, ...]}``.
+Errors use the service's error object plus MAX's ``"status": "error"``.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify, request
+
+from service.errors import ApiError, error_response
+from service.params import read_uploads
+from service.routes.common import engine, prepare
+
+bp = Blueprint("max_compat", __name__)
+
+MAX_BEAM_SIZE = 3
+MAX_NUM_CAPTIONS = 3
+
+
+@bp.errorhandler(ApiError)
+def _max_error(error: ApiError) -> Response:
+    return error_response(error, {"status": "error"})
+
+
+@bp.post("/model/predict")
+def predict() -> Response:
+    """The top 3 captions (beam search, beam size 3) of one image."""
+    eng = engine()
+    eng.require()
+    upload = read_uploads(request, max_files=1)[0]
+    options = eng.options(strategy="beam", beam_size=MAX_BEAM_SIZE, num_captions=MAX_NUM_CAPTIONS, max_length=20)
+    with eng.expecting(1) as ticket:
+        result = eng.caption([prepare(upload.data, ticket)], options, ticket)[0]
+    predictions = [
+        {"index": str(i), "caption": c.text, "probability": c.probability} for i, c in enumerate(result.captions)
+    ]
+    return jsonify({"status": "ok", "predictions": predictions})
+
+
+@bp.get("/model/metadata")
+def metadata() -> Response:
+    """MAX's model metadata document, describing the loaded model."""
+    captioner = engine().require()
+    return jsonify({
+        "id": f"captioner-{captioner.name}",
+        "name": f"captioner {captioner.name} {captioner.version}",
+        "description": f"CNN encoder ({captioner.model.encoder.name}) + LSTM decoder with attention, "
+                       "greedy or beam-search decoding",
+        "type": "Image-to-Text Translation",
+        "license": "MIT",
+        "source": "captioner (this service); model directory trained with `captioner train`",
+    })

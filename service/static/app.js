@@ -1,0 +1,114 @@
+// The captioning page: pick, drop or paste a photo; it is posted to /v1/captions with the chosen options.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let currentFile = null;
+let pending = null;
+
+function options() {
+  const strategy = document.querySelector('input[name="strategy"]:checked').value;
+  const beamSize = Math.min(10, Math.max(1, parseInt($("beam-size").value, 10) || 3));
+  const maxCaptions = strategy === "beam" ? beamSize : 1;
+  $("num-captions").max = String(maxCaptions);
+  $("beam-size").disabled = strategy !== "beam";
+  $("num-captions").disabled = strategy !== "beam";
+  const numCaptions = Math.min(maxCaptions, Math.max(1, parseInt($("num-captions").value, 10) || 1));
+  const maxLength = Math.min(50, Math.max(1, parseInt($("max-length").value, 10) || 20));
+  const params = { strategy, max_length: maxLength };
+  if (strategy === "beam") {
+    params.beam_size = beamSize;
+    params.num_captions = numCaptions;
+  }
+  return params;
+}
+
+function show(file) {
+  if (!file) return;
+  currentFile = file;
+  const preview = $("preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.alt = file.name || "uploaded photo";
+  preview.hidden = false;
+  $("drop-hint").innerHTML = "<strong>Choose another photo</strong> or drop it here";
+  caption();
+}
+
+function setStatus(text) { $("status").textContent = text; }
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+async function caption() {
+  if (!currentFile) return;
+  const params = options();
+  const body = new FormData();
+  body.append("image", currentFile, currentFile.name || "photo");
+  const query = new URLSearchParams(params).toString();
+  if (pending) pending.abort();
+  const controller = new AbortController();
+  pending = controller;
+  setStatus(`Captioning with ${params.strategy === "beam" ? "beam search" : "greedy decoding"}…`);
+  showError("");
+  $("captions").replaceChildren();
+  $("timing").textContent = "";
+  try {
+    const response = await fetch(`/v1/captions?${query}`, { method: "POST", body, signal: controller.signal });
+    const data = await response.json();
+    if (!response.ok) {
+      setStatus(`Error ${response.status}`);
+      showError(data.error ? `${data.error.message} (${data.error.code})` : response.statusText);
+      return;
+    }
+    for (const item of data.captions) {
+      const li = document.createElement("li");
+      const text = document.createElement("span");
+      text.className = "text";
+      text.textContent = item.text;
+      const prob = document.createElement("span");
+      prob.className = "prob";
+      prob.textContent = `log p = ${item.log_prob.toFixed(2)}`;
+      li.append(text, prob);
+      $("captions").append(li);
+    }
+    const image = data.image || {};
+    setStatus(`${image.format || "image"} ${image.width}×${image.height}, ` +
+      `${params.strategy}${params.strategy === "beam" ? ` (beam size ${params.beam_size})` : ""}`);
+    $("timing").textContent = `${data.model.name} ${data.model.version} · ${data.timing_ms.total.toFixed(0)} ms`;
+  } catch (err) {
+    if (err.name === "AbortError") return;
+    setStatus("Request failed");
+    showError(String(err));
+  } finally {
+    if (pending === controller) pending = null;
+  }
+}
+
+function init() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (event) => show(event.target.files[0]));
+  for (const name of ["dragenter", "dragover"]) {
+    drop.addEventListener(name, (event) => { event.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const name of ["dragleave", "drop"]) {
+    drop.addEventListener(name, (event) => { event.preventDefault(); drop.classList.remove("over"); });
+  }
+  drop.addEventListener("drop", (event) => show(event.dataTransfer.files[0]));
+  drop.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); $("file").click(); }
+  });
+  document.addEventListener("paste", (event) => {
+    const file = [...event.clipboardData.files].find((f) => f.type.startsWith("image/"));
+    if (file) show(file);
+  });
+  $("options").addEventListener("change", () => { options(); caption(); });
+  $("options").addEventListener("submit", (event) => event.preventDefault());
+  options();
+  fetch("/readyz").then((r) => r.json()).then((data) => {
+    $("model").textContent = data.model ? `Model: ${data.model.name} ${data.model.version}.` : "The model is loading…";
+  }).catch(() => {});
+}
+
+init();
