@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "captioner.caption_command",
     "training.prepare_command",
     "training.evaluate_command",
+    "service.cli",
 )
 
 
