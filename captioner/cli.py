@@ -11,6 +11,7 @@ from collections.abc import Sequence
 # Each module adds its sub-commands; the function a sub-command runs is stored as ``args.run``.
 COMMAND_MODULES = (
     "captioner.caption_command",
+    "training.train_command",
     "training.prepare_command",
     "training.evaluate_command",
     "service.cli",

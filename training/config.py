@@ -1,0 +1,168 @@
+"""Training configuration: a TOML file, then ``--set section.key=value`` overrides from the command line.
+
+Every field has a default, so a config file only states what differs. The effective config is saved beside the
+trained model, so a run can always be reproduced from its own output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+
+@dataclass
+class DataConfig:
+    train_annotations: str = ""  # COCO-format captions file (see `captioner prepare`)
+    val_annotations: str = ""  # used for model selection (CIDEr) and early stopping
+    test_annotations: str = ""  # optional: scored once at the end, for the report only
+    images: str = ""  # folder the annotation files' file_name entries are relative to
+    min_word_count: int = 5
+    max_caption_length: int = 30  # longer training captions are truncated (in words)
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "mobilenet_v2"
+    weights: str = ""  # explicit weights file; empty: hub cache, offline package, download
+    fine_tune_blocks: int = 0  # > 0 trains the last blocks too (no features cache then)
+
+
+@dataclass
+class PreprocessSection:
+    size: int = 224
+    resize: str = "squash"
+    interpolation: str = "bilinear"
+
+
+@dataclass
+class ModelConfig:
+    cell: str = "lstm"
+    conditioning: str = "attention"
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    attention_dim: int = 256
+    num_layers: int = 1
+    dropout: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 4e-4
+    encoder_lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    lr_schedule: str = "cosine"  # "cosine" (to lr_min_ratio * lr) or "constant" after warmup
+    lr_min_ratio: float = 0.05
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.0
+    attention_penalty: float = 1.0  # doubly stochastic attention regularisation (Show, Attend and Tell)
+    tbptt: int = 0  # > 0: truncated backpropagation through time in chunks of this many steps
+    seed: int = 0
+    eval_every: int = 1  # epochs
+    patience: int = 4  # evaluations without CIDEr improvement before stopping
+    device: str = "auto"  # "auto": cuda when available
+    amp: bool = True  # bfloat16 autocast on CUDA
+    cache_dir: str = "cache/features"
+    cache_dtype: str = "float16"
+    workers: int = 2
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+
+@dataclass
+class EvalConfig:
+    strategy: str = "beam"
+    beam_size: int = 3
+    max_length: int = 20
+    length_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    batch_size: int = 100
+    max_images: int = 0  # 0: the whole validation split
+
+
+@dataclass
+class ScstConfig:
+    epochs: int = 0  # > 0: self-critical sequence training on CIDEr-D after cross-entropy training
+    lr: float = 2e-5
+    samples: int = 5  # sampled captions per image
+    batch_size: int = 50  # images per step
+    max_length: int = 16
+
+
+@dataclass
+class OutputConfig:
+    name: str = "captioner"
+    version: str = "1"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    preprocess: PreprocessSection = field(default_factory=PreprocessSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scst: ScstConfig = field(default_factory=ScstConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The config as TOML text (flat sections of scalars)."""
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _apply(config: Config, data: dict[str, Any], source: str) -> None:
+    for section_name, values in data.items():
+        if not hasattr(config, section_name) or not isinstance(values, dict):
+            raise ValueError(f"{source}: unknown config section [{section_name}]")
+        section = getattr(config, section_name)
+        types = {f.name: f.type for f in dataclasses.fields(section)}
+        for key, value in values.items():
+            if key not in types:
+                raise ValueError(f"{source}: unknown key {section_name}.{key} (known: {', '.join(types)})")
+            expected = type(getattr(section, key))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ValueError(f"{source}: {section_name}.{key} must be {expected.__name__}, got {value!r}")
+            setattr(section, key, value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then each ``section.key=value`` override (value in TOML syntax)."""
+    config = Config()
+    if path:
+        with open(path, "rb") as f:
+            _apply(config, tomllib.load(f), str(path))
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        section, name = key.strip().split(".", 1)
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # bare words are strings: --set model.cell=gru
+        _apply(config, {section: {name: value}}, f"--set {item}")
+    return config

@@ -1,0 +1,142 @@
+"""The features cache: the frozen encoder runs once per image, its grids are kept in a memory-mapped file.
+
+A cache entry is a directory named by a hash of everything that determines the features (encoder name, weights
+sha256, preprocessing parameters, storage dtype and the image list), so a change to any of them computes a new
+entry and a rerun with the same settings reuses the old one, across epochs and across runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from captioner.atomic import atomic_write_text
+from captioner.encoder import Encoder
+from captioner.errors import CaptionerError
+from captioner.preprocess import PreprocessConfig, preprocess
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+class _ImageFiles(Dataset):
+    """Preprocessed images for the DataLoader workers; an unreadable image yields None instead of raising."""
+
+    def __init__(self, paths: list[Path], config: PreprocessConfig) -> None:
+        self.paths, self.config = paths, config
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None]:
+        try:
+            return index, preprocess(self.paths[index], self.config)
+        except (CaptionerError, OSError):
+            return index, None
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None]]) -> tuple[list[int], torch.Tensor | None, list[int]]:
+    good = [(i, t) for i, t in items if t is not None]
+    failed = [i for i, t in items if t is None]
+    tensors = torch.stack([t for _, t in good]) if good else None
+    return [i for i, _ in good], tensors, failed
+
+
+@dataclass
+class FeatureCache:
+    """Encoder grids for a list of images: ``features[i]`` is the (C, h, w) grid of ``paths[i]``."""
+
+    features: np.ndarray  # memory-mapped (N, C, h, w)
+    paths: list[Path]
+    failed: set[int]  # rows whose image could not be read (all zeros)
+
+    def grids(self, rows: torch.Tensor | list[int]) -> torch.Tensor:
+        """Float32 grids for the given rows."""
+        rows = np.asarray(rows)
+        return torch.from_numpy(np.ascontiguousarray(self.features[rows])).float()
+
+
+def cache_key(encoder: Encoder, config: PreprocessConfig, paths: list[Path], dtype: str) -> str:
+    """Hash of everything the cached features depend on."""
+    identity = {
+        "version": CACHE_VERSION,
+        "encoder": encoder.name,
+        "weights": encoder.weights_sha256,
+        "preprocess": config.to_json(),
+        "dtype": dtype,
+        "paths": [str(Path(p).resolve()) for p in paths],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def build_feature_cache(
+    encoder: Encoder,
+    config: PreprocessConfig,
+    paths: list[Path],
+    cache_root: str | Path,
+    dtype: str = "float16",
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "cpu",
+) -> FeatureCache:
+    """Load the cache entry for ``paths`` or compute it (with a progress bar) and then load it."""
+    if encoder.weights_sha256 is None:
+        raise ValueError("the features cache needs a pretrained encoder (its weights hash is part of the key)")
+    entry = Path(cache_root) / cache_key(encoder, config, paths, dtype)
+    meta_file = entry / "meta.json"
+    if not meta_file.is_file():
+        _compute(encoder, config, paths, entry, dtype, batch_size, workers, device)
+    meta = json.loads(meta_file.read_text())
+    features = np.memmap(entry / "features.bin", dtype=meta["dtype"], mode="r", shape=tuple(meta["shape"]))
+    log.info("features cache %s: %d images, %d unreadable", entry, len(paths), len(meta["failed"]))
+    return FeatureCache(features, paths, set(meta["failed"]))
+
+
+def _compute(
+    encoder: Encoder,
+    config: PreprocessConfig,
+    paths: list[Path],
+    entry: Path,
+    dtype: str,
+    batch_size: int,
+    workers: int,
+    device: str,
+) -> None:
+    entry.mkdir(parents=True, exist_ok=True)
+    encoder = encoder.to(device).eval()
+    with torch.inference_mode():
+        probe = encoder(torch.zeros(1, 3, config.size, config.size, device=device))
+    shape = (len(paths), *probe.shape[1:])
+    tmp = entry / f"features.bin.{os.getpid()}.tmp"
+    features = np.memmap(tmp, dtype=dtype, mode="w+", shape=shape)
+    loader = DataLoader(
+        _ImageFiles(paths, config),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+    )
+    failed: list[int] = []
+    with torch.inference_mode(), tqdm(total=len(paths), desc="encoding images", unit="img") as bar:
+        for rows, tensors, bad in loader:
+            failed += bad
+            if tensors is not None:
+                grids = encoder(tensors.to(device)).float().cpu().numpy()
+                features[rows] = grids.astype(dtype)
+            bar.update(len(rows) + len(bad))
+    features.flush()
+    del features
+    os.replace(tmp, entry / "features.bin")
+    if failed:
+        log.warning("%d of %d images could not be read, e.g. %s", len(failed), len(paths), paths[failed[0]])
+    # meta.json is written last: its presence marks a complete entry.
+    atomic_write_text(entry / "meta.json", json.dumps({"shape": list(shape), "dtype": dtype, "failed": sorted(failed)}))
