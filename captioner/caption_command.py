@@ -107,7 +107,10 @@ def _error(message: object) -> int:
 def resolve_device(name: str, env: dict[str, str] | None = None) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N``; plain ``cuda`` under torchrun means this process' ``cuda:LOCAL_RANK``."""
     env = dict(os.environ) if env is None else env
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from exc
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda":
@@ -124,10 +127,16 @@ def run(args: argparse.Namespace) -> int:
         return _error("give at least one PATH or --from-list FILE")
     out = Path(args.out) if args.out else None
     shard = args.shard
-    if shard is None and (shard := Shard.from_env()) is not None:
-        if out is None:
-            return _error(f"running as rank {shard.index} of {shard.count}: pass --out (each rank writes OUT.rankR)")
-        out = rank_output_path(out, shard.index)
+    if shard is None:
+        try:
+            shard = Shard.from_env()
+        except ValueError as exc:
+            return _error(f"bad RANK/WORLD_SIZE: {exc}")
+        if shard is not None:  # a torchrun rank: its share, into its own file
+            if out is None:
+                return _error(f"running as rank {shard.index} of {shard.count}: pass --out (each rank writes "
+                              "OUT.rankR)")
+            out = rank_output_path(out, shard.index)
     fmt = args.format or infer_format(out)
     if args.resume and out is None:
         return _error("--resume needs --out")

@@ -266,7 +266,9 @@ def test_resume_after_a_killed_run(
     assert "captioned 0 images, 0 failed" in capsys.readouterr().err and out.read_bytes() == complete
 
 
-def test_resume_refusals(mixed: Path, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_errors_and_resume_refusals(
+    mixed: Path, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base = [mixed, "--model", tiny_model_dir, "--workers", "0", "--resume"]
     assert _caption(*base, "--out", tmp_path / "r.json") == 2  # coco: refused clearly
     assert "not supported for --format coco" in capsys.readouterr().err
@@ -280,6 +282,8 @@ def test_resume_refusals(mixed: Path, tiny_model_dir: Path, tmp_path: Path, caps
     assert _caption(*base, "--out", other, "--num-captions", "2") == 2
     assert "another --num-captions" in capsys.readouterr().err
     assert _caption("--model", str(tiny_model_dir)) == 2  # no PATH at all
+    assert _caption(mixed, "--model", tiny_model_dir, "--device", "tpu") == 2
+    assert "--device must be cpu, cuda or cuda:N" in capsys.readouterr().err
     assert read_completed(tmp_path / "absent.jsonl", "jsonl") == Completed()
 
 
