@@ -66,6 +66,7 @@ class Engine:
         self._ready = threading.Event()
         self._started = False
         self._lock = threading.Lock()
+        self._model_lock = threading.Lock()  # batching off: serialises model calls
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -189,9 +190,11 @@ class Engine:
         if not images:
             return []
         if self.batcher is None:
-            started = time.perf_counter()
-            captions = caption_mixed(captioner, [i.tensor for i in images], [options] * len(images))
-            elapsed = time.perf_counter() - started
+            # One model call at a time: concurrent torch calls would only fight over the same cores.
+            with self._model_lock:
+                started = time.perf_counter()
+                captions = caption_mixed(captioner, [i.tensor for i in images], [options] * len(images))
+                elapsed = time.perf_counter() - started
             metrics.observe_batch(len(images), elapsed)
             return [BatchResult(c, len(images), 0.0, elapsed * 1000.0) for c in captions]
         futures = [self.batcher.submit(image.tensor, options, ticket) for image in images]

@@ -12,14 +12,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from service_server import GunicornServer
 from upload_corpus import CASES, Case, Request, jpeg, multipart, upload
+
+from service.gunicorn_process import GunicornServer
+
+ENV = {"CAPTIONER_TORCH_THREADS": "1"}  # the CI machine is small and shared
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
     """One gunicorn master + 1 gthread worker (4 threads) with the tiny model, stopped after this module."""
-    server = GunicornServer(tiny_model_dir, tmp_path_factory.mktemp("gunicorn"), workers=1, threads=4)
+    server = GunicornServer(tiny_model_dir, tmp_path_factory.mktemp("gunicorn"), workers=1, threads=4, env=ENV)
     try:
         server.wait_ready()
         yield server
@@ -159,7 +162,7 @@ def test_chunked_body_over_the_limit_is_413(server: GunicornServer, kind: str) -
 
 def test_sigterm_lets_an_in_flight_request_finish(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A request whose body is still arriving when the master gets SIGTERM is answered, then gunicorn exits."""
-    server = GunicornServer(tiny_model_dir, tmp_path, workers=1, threads=2, graceful_timeout=20)
+    server = GunicornServer(tiny_model_dir, tmp_path, workers=1, threads=2, graceful_timeout=20, env=ENV)
     try:
         server.wait_ready()
         request = upload(jpeg(), query="strategy=greedy")

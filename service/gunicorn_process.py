@@ -1,4 +1,4 @@
-"""Start the service under a real gunicorn on a free loopback port, for tests and benchmarks."""
+"""Run the service under a real gunicorn, as a child process on a free loopback port (tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GUNICORN_CONF = REPO / "service" / "gunicorn.conf.py"
+GUNICORN_CONF = Path(__file__).resolve().parent / "gunicorn.conf.py"
 
 
 def free_port() -> int:
@@ -34,7 +34,11 @@ class Response:
 
 
 class GunicornServer:
-    """``gunicorn -c service/gunicorn.conf.py`` with the given settings; logs go to files in ``log_dir``."""
+    """``gunicorn -c service/gunicorn.conf.py`` with the given settings; logs go to files in ``log_dir``.
+
+    The child gets this environment minus any ``CAPTIONER_*``/``PROMETHEUS_*`` variables, plus ``env``; call
+    :meth:`wait_ready`, then :meth:`request`, and :meth:`stop` (SIGTERM, then SIGKILL) at the end.
+    """
 
     def __init__(
         self, model_dir: str | Path | None, log_dir: Path, workers: int = 1, threads: int = 4,
@@ -47,7 +51,7 @@ class GunicornServer:
         self.stdout_path = log_dir / "access.log"
         self.stderr_path = log_dir / "error.log"
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("CAPTIONER_", "PROMETHEUS_"))}
-        environ |= {"PROMETHEUS_MULTIPROC_DIR": str(log_dir / "metrics"), "CAPTIONER_TORCH_THREADS": "1"}
+        environ["PROMETHEUS_MULTIPROC_DIR"] = str(log_dir / "metrics")
         if model_dir is not None:
             environ["CAPTIONER_MODEL"] = str(model_dir)
         environ |= env or {}
