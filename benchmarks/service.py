@@ -1,0 +1,162 @@
+"""HTTP service benchmark: gunicorn on loopback, several concurrency levels, micro-batching on and off.
+
+    .venv/bin/python benchmarks/service.py                       # the bundled model
+    .venv/bin/python benchmarks/service.py --model path/to/model --requests 200 --concurrency 1,4,16
+
+For each setting of CAPTIONER_BATCHING (on, then off) it starts gunicorn (``service/gunicorn.conf.py``, 1 worker by
+default), sends ``--requests`` caption requests at each concurrency level from that many client threads (each with
+its own keep-alive connection) and prints requests/s, p50/p99 latency and the mean model batch size (from
+/metrics). Then it compares one request at a time over HTTP with the in-process ``Captioner.caption`` on the same
+image, which is the service's overhead (HTTP, multipart parsing, JSON, queueing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from captioner.api import DEFAULT_MODEL_DIR, Captioner  # noqa: E402
+from service.gunicorn_process import GunicornServer  # noqa: E402
+
+DEFAULT_IMAGE = REPO / "captioner" / "samples" / "chelsea.jpg"
+
+
+def multipart_body(image: bytes, filename: str) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    return head + image + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def batch_totals(server: GunicornServer) -> tuple[float, float]:
+    text = server.request("GET", "/metrics").body.decode()
+    total = re.search(r"^captioner_batch_size_sum (\S+)", text, re.M)
+    count = re.search(r"^captioner_batch_size_count (\S+)", text, re.M)
+    return (float(total.group(1)) if total else 0.0), (float(count.group(1)) if count else 0.0)
+
+
+def drive(server: GunicornServer, path: str, body: bytes, content_type: str, concurrency: int,
+          requests: int) -> tuple[float, list[float], int]:
+    """Send ``requests`` requests from ``concurrency`` threads; returns (seconds, latencies in ms, failures)."""
+    latencies: list[float] = []
+    failures = 0
+    remaining = [requests]
+    lock = threading.Lock()
+    start = threading.Barrier(concurrency + 1)
+
+    def client() -> None:
+        nonlocal failures
+        connection = http.client.HTTPConnection(server.host, server.port, timeout=120)
+        start.wait()
+        while True:
+            with lock:
+                if remaining[0] == 0:
+                    break
+                remaining[0] -= 1
+            began = time.perf_counter()
+            connection.request("POST", path, body=body, headers={"Content-Type": content_type})
+            response = connection.getresponse()
+            response.read()
+            elapsed = (time.perf_counter() - began) * 1000.0
+            with lock:
+                latencies.append(elapsed)
+                failures += response.status != 200
+        connection.close()
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - began, latencies, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help=f"model directory (default: the bundled {DEFAULT_MODEL_DIR})")
+    parser.add_argument("--image", default=str(DEFAULT_IMAGE), help="image to caption (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level (default: 64)")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default: 1,4,16)")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn workers (default: 1)")
+    parser.add_argument("--threads", type=int, default=16, help="gunicorn threads per worker (default: 16)")
+    parser.add_argument("--strategy", default="beam", choices=["greedy", "beam"])
+    parser.add_argument("--beam-size", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="CAPTIONER_TORCH_THREADS of the workers and this process (default: cores / workers)")
+    parser.add_argument("--single", type=int, default=20, help="sequential requests for the in-process comparison")
+    args = parser.parse_args(argv)
+
+    model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+    if not (model / "config.json").is_file():
+        parser.error(f"no model at {model}; pass --model DIR")
+    image = Path(args.image).read_bytes()
+    levels = [int(x) for x in args.concurrency.split(",")]
+    path = f"/v1/captions?strategy={args.strategy}&beam_size={args.beam_size}"
+    body, content_type = multipart_body(image, Path(args.image).name)
+
+    # The in-process comparison uses as many torch threads as each worker does.
+    torch.set_num_threads(args.torch_threads or max(1, (os.cpu_count() or 1) // args.workers))
+    captioner = Captioner.load(model, allow_download=False)
+    print(f"model {captioner.name} {captioner.version} ({model}), image {Path(args.image).name} ({len(image)} bytes), "
+          f"{args.strategy} beam_size={args.beam_size}; gunicorn {args.workers} worker(s) x {args.threads} threads; "
+          f"{args.requests} requests per level; torch threads per worker {torch.get_num_threads()}", flush=True)
+    print(f"{'batching':>8} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10} {'errors':>6}")
+    single_http: dict[str, float] = {}
+    env = {"CAPTIONER_TORCH_THREADS": str(args.torch_threads)} if args.torch_threads else {}
+    for batching in ("on", "off"):
+        with tempfile.TemporaryDirectory(prefix="captioner-bench-") as logs:
+            server = GunicornServer(model, Path(logs), workers=args.workers, threads=args.threads,
+                                    env=env | {"CAPTIONER_BATCHING": batching})
+            try:
+                server.wait_ready()
+                drive(server, path, body, content_type, 2, 4)  # warm-up: connections, allocator, caches
+                for clients in levels:
+                    before = batch_totals(server)
+                    seconds, latencies, failures = drive(server, path, body, content_type, clients, args.requests)
+                    after = batch_totals(server)
+                    batches = after[1] - before[1]
+                    mean_batch = (after[0] - before[0]) / batches if batches else float("nan")
+                    print(f"{batching:>8} {clients:>7} {len(latencies) / seconds:>8.1f} "
+                          f"{percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f} "
+                          f"{mean_batch:>10.2f} {failures:>6}", flush=True)
+                _, latencies, _ = drive(server, path, body, content_type, 1, args.single)
+                single_http[batching] = statistics.median(latencies)
+            finally:
+                server.stop()
+
+    options = {"strategy": args.strategy, "beam_size": args.beam_size}
+    captioner.caption(image, **options)  # warm-up
+    in_process = []
+    for _ in range(args.single):
+        began = time.perf_counter()
+        captioner.caption(image, **options)
+        in_process.append((time.perf_counter() - began) * 1000.0)
+    median = statistics.median(in_process)
+    print(f"single request, median of {args.single}: in-process Captioner.caption {median:.1f} ms; "
+          + "; ".join(f"HTTP batching {k} {v:.1f} ms (+{v - median:.1f})" for k, v in single_http.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
