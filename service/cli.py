@@ -1,4 +1,7 @@
-"""``captioner serve``: the HTTP service on Werkzeug's threaded development server (use gunicorn in production)."""
+"""``captioner serve``: the HTTP service on Werkzeug's threaded development server (use gunicorn in production).
+
+Logs stay in the CLI's plain text format here; gunicorn's are JSON lines (see ``service/logs.py``).
+"""
 
 from __future__ import annotations
 
@@ -26,9 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from werkzeug.serving import run_simple
 
     from service.app import create_app
-    from service.logs import configure_logging
 
-    configure_logging(force=True)
     config: dict[str, object] = {"load_in_background": False}
     if args.model is not None:
         config["model"] = args.model

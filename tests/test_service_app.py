@@ -68,6 +68,14 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     assert not missing, f"README lacks {missing}"
 
 
+def test_serve_command_is_registered() -> None:
+    from captioner.cli import build_parser
+    from service import cli
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--port", "9001", "--no-batching"])
+    assert (args.run, args.model, args.port, args.host, args.no_batching) == (cli.run, "m", 9001, "127.0.0.1", True)
+
+
 def test_missing_model_dir_fails_at_once(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError):
         create_app({"model": str(tmp_path / "nope")})
