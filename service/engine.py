@@ -121,7 +121,8 @@ class Engine:
         size = captioner.preprocess_config.size
         tensor = to_tensor(Image.new("RGB", (size, size), (128, 128, 128)), captioner.preprocess_config)
         for strategy in ("greedy", "beam"):
-            caption_mixed(captioner, [tensor], [captioner.options(strategy=strategy, max_length=5)])
+            options = captioner.options(strategy=strategy, beam_size=3, num_captions=1, max_length=5)
+            caption_mixed(captioner, [tensor], [options])
 
     @property
     def ready(self) -> bool:
