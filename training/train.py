@@ -17,10 +17,12 @@ Run directory layout::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,7 @@ from captioner.preprocess import PreprocessConfig, preprocess
 from captioner.vocabulary import Vocabulary
 from training.config import Config
 from training.data import CaptionDataset, load_coco
-from training.evaluation import compute_metrics
+from training.evaluation import compute_metrics, format_metrics, score_captions
 from training.features import FeatureCache, build_feature_cache
 from training.scst import CiderD, scst_loss
 
@@ -185,6 +187,8 @@ def validate(
         for row, hyp in zip(batch, hyps, strict=True):
             predictions[dataset.images[row].image_id] = vocab.decode(hyp[0].tokens)
     decoder.train(was_training)
+    if not metrics:
+        return {}, predictions
     references = {dataset.images[r].image_id: dataset.images[r].captions for r in rows}
     return compute_metrics(predictions, references, metrics=metrics, java_tokenizer=False), predictions
 
@@ -567,7 +571,41 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
 
     if writer is not None:
         writer.close()
+    if dist_info.main and (out / "best").is_dir():
+        final_evaluation(out / "best", config, val_set, val_cache, device, time.time() - started)
     if dist_info.world > 1:
         dist.barrier()
     log.info("training finished in %.0fs", time.time() - started)
     return out / "best"
+
+
+def final_evaluation(
+    best_dir: Path, config: Config, val_set: CaptionDataset, val_cache: FeatureCache, device: torch.device,
+    seconds: float,
+) -> None:
+    """Score the best model on the validation split (and the test split, if configured) with every metric.
+
+    Uses the cached encoder grids (the same preprocessing and encoder as captioning a file) and the Java PTB
+    tokenizer when Java is present; the scores are recorded in the best model's config.json.
+    """
+    best = load_model(best_dir, device)
+    java = shutil.which("java") is not None
+    metrics = ("bleu", "meteor", "rouge", "cider") if java else ("bleu", "rouge", "cider")
+    splits = {"val": (val_set, val_cache)}
+    if config.data.test_annotations:
+        test_set = load_coco(config.data.test_annotations, config.data.images)
+        test_cache = build_feature_cache(
+            best.encoder, best.preprocess, [r.path for r in test_set.images], config.train.cache_dir,
+            config.train.cache_dtype, workers=config.train.workers, device=str(device),
+        )
+        splits["test"] = (test_set, test_cache)
+    scores = {}
+    for name, (dataset, cache) in splits.items():
+        full = dataclasses.replace(config, eval=dataclasses.replace(config.eval, max_images=0))
+        _, predictions = validate(best.decoder, best.vocab, cache, dataset, full, device, metrics=())
+        references = {r.image_id: r.captions for r in dataset.images if r.image_id in predictions}
+        scores[name] = score_captions(predictions, references, metrics, java_tokenizer=java)
+        log.info("best model on %s: %s", name, format_metrics(scores[name]))
+    best.metrics |= {"final": scores}
+    best.training["total_seconds"] = round(seconds, 1)
+    save_model(best, best_dir)
