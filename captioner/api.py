@@ -45,8 +45,11 @@ class Captioner:
 
     @classmethod
     def load(
-        cls, path: str | Path | None = None, device: str | torch.device = "cpu",
-        encoder_weights: str | Path | None = None, allow_download: bool = True,
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        encoder_weights: str | Path | None = None,
+        allow_download: bool = True,
     ) -> Captioner:
         """Load a model directory (the bundled default model when ``path`` is None)."""
         if path is None:
@@ -75,8 +78,13 @@ class Captioner:
         return to_tensor(load_image(image, self.preprocess_config, max_pixels), self.preprocess_config)
 
     def caption(
-        self, images: ImageSource | Sequence[ImageSource], strategy: str | None = None, beam_size: int | None = None,
-        max_length: int | None = None, num_captions: int | None = None, length_penalty: float | None = None,
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        strategy: str | None = None,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        num_captions: int | None = None,
+        length_penalty: float | None = None,
         no_repeat_ngram_size: int | None = None,
     ) -> list[list[Caption]]:
         """Caption one image or a list of images (paths, bytes or PIL images): per image, captions best first.
@@ -86,8 +94,12 @@ class Captioner:
         if isinstance(images, (str, Path, bytes, bytearray, memoryview)) or not isinstance(images, Sequence):
             images = [images]
         options = self.options(
-            strategy=strategy, beam_size=beam_size, max_length=max_length, num_captions=num_captions,
-            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+            strategy=strategy,
+            beam_size=beam_size,
+            max_length=max_length,
+            num_captions=num_captions,
+            length_penalty=length_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
         )
         if not images:
             return []

@@ -57,7 +57,9 @@ def save_model(model: CaptionModel, path: str | Path) -> Path:
     if store_encoder:
         tensors |= {f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.blocks.state_dict().items()}
     if len(model.vocab) != model.decoder.config.vocab_size:
-        raise CheckpointError(f"vocabulary has {len(model.vocab)} words but the decoder {model.decoder.config.vocab_size}")
+        raise CheckpointError(
+            f"vocabulary has {len(model.vocab)} words but the decoder {model.decoder.config.vocab_size}"
+        )
     config = {
         "format_version": FORMAT_VERSION,
         "name": model.name,
@@ -103,7 +105,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", encoder_weights: str | Path | None = None,
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    encoder_weights: str | Path | None = None,
     allow_download: bool = True,
 ) -> CaptionModel:
     """Load and verify a model directory written by :func:`save_model`."""
@@ -156,9 +160,14 @@ def load_model(
     encoder.eval()
     decoder.eval()
     model = CaptionModel(
-        encoder, decoder, vocab, preprocess,
-        name=str(config.get("name", path.name)), version=str(config.get("version", "0")),
-        decoding=dict(config.get("decoding") or {}), training=dict(config.get("training") or {}),
+        encoder,
+        decoder,
+        vocab,
+        preprocess,
+        name=str(config.get("name", path.name)),
+        version=str(config.get("version", "0")),
+        decoding=dict(config.get("decoding") or {}),
+        training=dict(config.get("training") or {}),
         metrics=dict(config.get("metrics") or {}),
     )
     return model.to(device)

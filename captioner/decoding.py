@@ -61,7 +61,9 @@ class Hypothesis:
     score: float
 
 
-def decode(decoder: CaptionDecoder, grid: Tensor, vocab: Vocabulary, options: DecodingOptions) -> list[list[Hypothesis]]:
+def decode(
+    decoder: CaptionDecoder, grid: Tensor, vocab: Vocabulary, options: DecodingOptions
+) -> list[list[Hypothesis]]:
     """Decode a batch of encoder grids (batch, C, H, W); per image, ``options.num_captions`` hypotheses, best first."""
     with torch.inference_mode():
         memory, state = decoder.prepare(grid)
@@ -88,7 +90,11 @@ def _log_probs(logits: Tensor, words: Tensor, step: int, vocab: Vocabulary, opti
     if n and step >= n:
         windows = words.unfold(1, n, 1)  # (rows, step - n + 1, n): every n-gram so far
         prefix = words[:, step - n + 1 :]  # the n-1 last words, which the next word would extend
-        seen = (windows[:, :, :-1] == prefix.unsqueeze(1)).all(dim=2) if n > 1 else torch.ones_like(windows[..., 0], dtype=torch.bool)
+        seen = (
+            (windows[:, :, :-1] == prefix.unsqueeze(1)).all(dim=2)
+            if n > 1
+            else torch.ones_like(windows[..., 0], dtype=torch.bool)
+        )
         blocked = torch.zeros_like(logp).scatter_reduce_(1, windows[:, :, -1], seen.float(), reduce="amax")
         blocked[:, vocab.end] = 0
         logp = logp.masked_fill(blocked.bool(), -torch.inf)
@@ -123,7 +129,7 @@ def _greedy(
     scores = log_prob / _length_norm(lengths, options.length_penalty)
     return [
         Hypothesis(_strip(row, vocab), float(lp), float(s))
-        for row, lp, s in zip(words.tolist(), log_prob.tolist(), scores.tolist())
+        for row, lp, s in zip(words.tolist(), log_prob.tolist(), scores.tolist(), strict=True)
     ]
 
 

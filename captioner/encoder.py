@@ -168,8 +168,11 @@ class Encoder(nn.Module):
 
 
 def build_encoder(
-    name: str = "mobilenet_v2", pretrained: bool = True, weights_path: str | Path | None = None,
-    fine_tune_blocks: int = 0, allow_download: bool = True,
+    name: str = "mobilenet_v2",
+    pretrained: bool = True,
+    weights_path: str | Path | None = None,
+    fine_tune_blocks: int = 0,
+    allow_download: bool = True,
 ) -> Encoder:
     """An encoder, with verified pretrained weights unless ``pretrained=False`` (random init, for tests)."""
     encoder = Encoder(name, fine_tune_blocks)

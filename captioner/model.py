@@ -135,9 +135,7 @@ class CaptionDecoder(nn.Module):
         top, state, alpha = self._recur(self.dropout(self.embed(tokens)), state, memory)
         return self.classifier(self.dropout(top)), state, alpha
 
-    def forward_from(
-        self, tokens: Tensor, state: State, memory: Memory
-    ) -> tuple[Tensor, State, Tensor | None]:
+    def forward_from(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor | None]:
         """Teacher-forced pass over ``tokens`` (batch, T) from a given state (truncated backprop continues from it).
 
         Returns logits (batch, T, vocab), the final state and attention weights (batch, T, N) or None.

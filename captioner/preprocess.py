@@ -12,7 +12,6 @@ import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from captioner.errors import CorruptImageError, ImageTooLargeError, NotAnImageError
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 
 # A decoded image bigger than this is refused before its pixels are allocated (decompression bombs).
 DEFAULT_MAX_PIXELS = 50_000_000

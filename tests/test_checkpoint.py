@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,15 +17,6 @@ from captioner.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_con
 from captioner.decoding import DecodingOptions, decode
 from captioner.encoder import BACKBONES, Encoder, build_encoder, sha256_file
 from captioner.errors import CheckpointError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is faster, and does not fight the other processes on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

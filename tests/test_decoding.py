@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,15 +16,6 @@ from captioner.vocabulary import Vocabulary
 CONFIGS = [(cell, conditioning) for cell in ("lstm", "gru", "rnn") for conditioning in ("init", "attention")]
 CONFIG_IDS = [f"{cell}-{conditioning}" for cell, conditioning in CONFIGS]
 NUM_IMAGES = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is faster, and does not fight the other processes on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.cache

@@ -53,6 +53,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 20
     batch_size: int = 64
+    bucket_by_length: bool = True  # batches of similar caption lengths (less padding, faster epochs)
     lr: float = 4e-4
     encoder_lr: float = 1e-4
     weight_decay: float = 0.0

@@ -101,12 +101,26 @@ class CaptionPairs(Dataset):
         return image, self.tokens[index]
 
 
-def epoch_batches(num_pairs: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's batches of pair indices for an epoch: a seeded permutation, split across ranks."""
+def epoch_batches(
+    num_pairs: int, batch_size: int, seed: int, epoch: int, rank: int, world: int, lengths: Tensor | None = None,
+) -> list[list[int]]:
+    """This rank's batches of pair indices for an epoch: a seeded permutation, split across ranks.
+
+    With ``lengths``, pairs are bucketed: each window of 50 batches is sorted by caption length before it is cut
+    into batches, and the batches are shuffled again. Batches then hold captions of similar length, so little time
+    goes into padding, while every epoch still sees a fresh random mix.
+    """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_pairs, generator=generator)
     order = order[: len(order) - len(order) % world][rank::world]  # equal share per rank
-    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    if lengths is not None:
+        window = batch_size * 50
+        chunks = [order[i : i + window] for i in range(0, len(order), window)]
+        order = torch.cat([chunk[lengths[chunk].argsort(stable=True)] for chunk in chunks])
+    batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    if lengths is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,7 +462,8 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
         losses = []
         if stage == "xe":
             batches = epoch_batches(
-                len(pairs), config.train.batch_size, config.train.seed, epoch, dist_info.rank, dist_info.world
+                len(pairs), config.train.batch_size, config.train.seed, epoch, dist_info.rank, dist_info.world,
+                lengths=(tokens != vocab.pad).sum(dim=1) if config.train.bucket_by_length else None,
             )
             loader = DataLoader(pairs, batch_sampler=batches, num_workers=config.train.workers if fine_tune else 0)
             bar = tqdm(loader, desc=f"epoch {epoch}/{total_epochs} xe", disable=not dist_info.main, unit="batch")
