@@ -145,12 +145,12 @@ def tbptt_backward(decoder: CaptionDecoder, grid: Tensor, tokens: Tensor, config
 
     The recurrent state crosses chunk boundaries forward (detached), gradients do not. Returns the mean loss.
     """
-    chunk, targets_all = config.train.tbptt, tokens[:, 1:]
+    chunk, inputs_all, targets_all = config.train.tbptt, tokens[:, :-1], tokens[:, 1:]
     total_tokens = int((targets_all != pad).sum())
     _, state = decoder.prepare(grid)
     total = 0.0
     for start in range(0, tokens.size(1) - 1, chunk):
-        inputs, targets = tokens[:, start : start + chunk], targets_all[:, start : start + chunk]
+        inputs, targets = inputs_all[:, start : start + chunk], targets_all[:, start : start + chunk]
         n = int((targets != pad).sum())
         if n == 0:
             break
@@ -163,7 +163,7 @@ def tbptt_backward(decoder: CaptionDecoder, grid: Tensor, tokens: Tensor, config
             coverage = (alphas * (targets != pad).unsqueeze(2).float()).sum(dim=1)
             loss = loss + config.train.attention_penalty * ((n / total_tokens - coverage) ** 2).mean()
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     return total
 
 
@@ -332,8 +332,6 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
         torch.set_num_threads(config.train.threads)
     if dist_info.world > 1 and config.train.tbptt:
         raise ValueError("train.tbptt is not supported under torchrun (DistributedDataParallel); set it to 0")
-    torch.manual_seed(config.train.seed)
-    np.random.seed(config.train.seed)
     started = time.time()
 
     # --- data and vocabulary (from the training split only)
@@ -379,7 +377,10 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
     pairs = CaptionPairs(rows, tokens, train_cache, train_set, preprocess_config)
     log.info("training pairs: %d captions of %d images", len(pairs), len(usable))
 
-    # --- model, optimizer, schedule
+    # --- model, optimizer, schedule. Seeded here, after the features cache, whose DataLoader draws from the global
+    # RNG only when it has to compute: a run must not depend on whether its cache already existed.
+    torch.manual_seed(config.train.seed)
+    np.random.seed(config.train.seed)
     m = config.model
     decoder = CaptionDecoder(
         DecoderConfig(

