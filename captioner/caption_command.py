@@ -43,10 +43,12 @@ EXIT_INTERRUPTED = 130
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """Decoding flags shared by every command that writes captions."""
-    parser.add_argument("--strategy", choices=["greedy", "beam"], default="beam")
-    parser.add_argument("--beam-size", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=20)
-    parser.add_argument("--num-captions", type=int, default=1)
+    # None means "the model's recorded default" (config.json "decoding"), then DecodingOptions' own defaults.
+    recorded = "default: the model's recorded value"
+    parser.add_argument("--strategy", choices=["greedy", "beam"], default=None, help=f"{recorded}, else beam")
+    parser.add_argument("--beam-size", type=int, default=None, help=f"{recorded}, else 3")
+    parser.add_argument("--max-length", type=int, default=None, help=f"{recorded}, else 20")
+    parser.add_argument("--num-captions", type=int, default=None, help="captions per image (default 1)")
     parser.add_argument("--length-penalty", type=float, default=None, help="default: the model's recorded value")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=None, help="default: the model's recorded value")
 
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         total = len(paths)
         if shard is not None:
             paths = shard.select(paths)
-        completed = read_completed(out, fmt, args.num_captions) if args.resume else Completed()
+        completed = read_completed(out, fmt, args.num_captions or 1) if args.resume else Completed()
         todo = [p for p in paths if p not in completed.images] if completed.images else paths
         captioner = Captioner.load(args.model, device=device)
         options = captioner.options(
