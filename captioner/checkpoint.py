@@ -49,13 +49,21 @@ class CaptionModel:
         return self
 
 
-def save_model(model: CaptionModel, path: str | Path) -> Path:
-    """Write ``model`` to the directory ``path`` atomically (a crash leaves the previous version intact)."""
+def save_model(model: CaptionModel, path: str | Path, half_precision: bool = False) -> Path:
+    """Write ``model`` to the directory ``path`` atomically (a crash leaves the previous version intact).
+
+    ``half_precision`` stores floating-point tensors as float16 (half the size; they are float32 again once loaded).
+    """
     encoder = model.encoder
+
+    def stored(value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().cpu().contiguous()
+        return value.half() if half_precision and value.is_floating_point() else value
+
     store_encoder = encoder.fine_tune_blocks > 0 or encoder.weights_sha256 is None
-    tensors = {f"decoder.{k}": v.detach().cpu().contiguous() for k, v in model.decoder.state_dict().items()}
+    tensors = {f"decoder.{k}": stored(v) for k, v in model.decoder.state_dict().items()}
     if store_encoder:
-        tensors |= {f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.blocks.state_dict().items()}
+        tensors |= {f"encoder.{k}": stored(v) for k, v in encoder.blocks.state_dict().items()}
     if len(model.vocab) != model.decoder.config.vocab_size:
         raise CheckpointError(
             f"vocabulary has {len(model.vocab)} words but the decoder {model.decoder.config.vocab_size}"

@@ -259,3 +259,16 @@ def test_pretrained_encoder_is_referenced_not_copied(tmp_path: Path) -> None:
     assert config["encoder"]["weights_sha256"] == BACKBONES["mobilenet_v2"].sha256
     assert not [k for k in load_file(str(tmp_path / "m" / WEIGHTS_FILE)) if k.startswith("encoder.")]
     assert_same_model_outputs(model, load_model(tmp_path / "m", allow_download=False))
+
+
+def test_half_precision_storage_halves_the_file_and_loads_as_float32(tmp_path: Path) -> None:
+    model = tiny_model()
+    save_model(model, tmp_path / "full")
+    save_model(model, tmp_path / "half", half_precision=True)
+    full_size = (tmp_path / "full" / "model.safetensors").stat().st_size
+    half_size = (tmp_path / "half" / "model.safetensors").stat().st_size
+    assert half_size < 0.6 * full_size
+    loaded = load_model(tmp_path / "half")
+    for original, restored in zip(model.decoder.parameters(), loaded.decoder.parameters(), strict=True):
+        assert restored.dtype == torch.float32
+        torch.testing.assert_close(restored, original, atol=2e-3, rtol=1e-3)
