@@ -164,3 +164,10 @@ def test_hub_cache_and_download_paths_verify(
     assert (path, digest) == (target, BACKBONES["mobilenet_v2"].sha256)
     monkeypatch.setattr(torch.hub, "download_url_to_file", None)  # now found in the cache, no download
     assert resolve_weights("mobilenet_v2", allow_download=False) == (target, digest)
+
+
+def test_encode_returns_grid_and_pooled_vector() -> None:
+    encoder = build_encoder("mobilenet_v2", pretrained=False)
+    grid, pooled = encoder.encode(torch.randn(2, 3, 64, 64))
+    assert grid.shape == (2, 1280, 2, 2) and pooled.shape == (2, 1280)
+    torch.testing.assert_close(pooled, grid.mean(dim=(2, 3)))
