@@ -1,0 +1,76 @@
+"""Score decoding options on a validation split, to choose the defaults a model ships with.
+
+    .venv/bin/python scripts/tune_decoding.py --model runs/flickr8k/best \
+        --annotations data/flickr8k/captions_dev.json --images ../shared/data/flickr8k/images
+
+Grids come from the features cache (the same encoder and preprocessing as captioning files), so each setting costs
+only its decoding. Scores use the Python tokenizer (BLEU, CIDEr): fast and close to the official ones, for
+comparing settings; report final numbers with ``captioner evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from captioner.checkpoint import load_model  # noqa: E402
+from captioner.decoding import DecodingOptions, decode  # noqa: E402
+from training.data import load_coco  # noqa: E402
+from training.evaluation import compute_metrics, distinct_caption_share  # noqa: E402
+from training.features import build_feature_cache  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--annotations", required=True)
+    parser.add_argument("--images", default="")
+    parser.add_argument("--cache-dir", default="cache/features")
+    parser.add_argument("--beam-sizes", default="1,3,5")
+    parser.add_argument("--length-penalties", default="0,0.5,1")
+    parser.add_argument("--ngram-blocks", default="0,3")
+    parser.add_argument("--batch-size", type=int, default=100)
+    args = parser.parse_args()
+
+    model = load_model(args.model, allow_download=False)
+    dataset = load_coco(args.annotations, args.images or None)
+    cache = build_feature_cache(model.encoder, model.preprocess, [r.path for r in dataset.images], args.cache_dir)
+    rows = [r for r in range(len(dataset.images)) if r not in cache.failed]
+    references = {dataset.images[r].image_id: dataset.images[r].captions for r in rows}
+    grid = itertools.product(
+        [int(x) for x in args.beam_sizes.split(",")],
+        [float(x) for x in args.length_penalties.split(",")],
+        [int(x) for x in args.ngram_blocks.split(",")],
+    )
+    print(f"{'beam':>4} {'len.pen':>7} {'no-rep':>6} {'BLEU-1':>7} {'BLEU-4':>7} {'CIDEr':>7} {'distinct':>8} {'s':>5}")
+    for beam, penalty, block in grid:
+        if beam == 1 and penalty:
+            continue  # greedy ignores length normalisation
+        options = DecodingOptions(
+            strategy="greedy" if beam == 1 else "beam",
+            beam_size=beam,
+            length_penalty=penalty,
+            no_repeat_ngram_size=block,
+        )
+        start = time.perf_counter()
+        predictions = {}
+        for i in range(0, len(rows), args.batch_size):
+            batch = rows[i : i + args.batch_size]
+            for row, hyps in zip(batch, decode(model.decoder, cache.grids(batch), model.vocab, options), strict=True):
+                predictions[dataset.images[row].image_id] = model.vocab.decode(hyps[0].tokens)
+        seconds = time.perf_counter() - start
+        scores = compute_metrics(predictions, references, metrics=("bleu", "cider"), java_tokenizer=False)
+        print(
+            f"{beam:>4} {penalty:>7} {block:>6} {scores['BLEU-1'] * 100:>7.1f} {scores['BLEU-4'] * 100:>7.1f} "
+            f"{scores['CIDEr'] * 100:>7.1f} {distinct_caption_share(predictions) * 100:>7.1f}% {seconds:>5.0f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
