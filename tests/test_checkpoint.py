@@ -272,3 +272,11 @@ def test_half_precision_storage_halves_the_file_and_loads_as_float32(tmp_path: P
     for original, restored in zip(model.decoder.parameters(), loaded.decoder.parameters(), strict=True):
         assert restored.dtype == torch.float32
         torch.testing.assert_close(restored, original, atol=2e-3, rtol=1e-3)
+
+
+def test_saved_files_are_readable_by_others(tmp_path: Path) -> None:
+    """Atomic writes go through private temporary files; the published ones get the usual permissions."""
+    path = save_model(tiny_model(), tmp_path / "model")
+    assert path.stat().st_mode & 0o055 == 0o055
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        assert (path / name).stat().st_mode & 0o044 == 0o044

