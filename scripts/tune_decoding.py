@@ -5,7 +5,7 @@
 
 Grids come from the features cache (the same encoder and preprocessing as captioning files), so each setting costs
 only its decoding. Scores use the Python tokenizer (BLEU, CIDEr): fast and close to the official ones, for
-comparing settings; report final numbers with ``captioner evaluate``.
+comparing settings; ``--official`` gives the official numbers (Java PTB tokenizer, METEOR).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def main() -> None:
     parser.add_argument("--length-penalties", default="0,0.5,1")
     parser.add_argument("--ngram-blocks", default="0,3")
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--official", action="store_true", help="all metrics, Java PTB tokenizer and METEOR (slower)")
     args = parser.parse_args()
+    metrics = ("bleu", "meteor", "rouge", "cider") if args.official else ("bleu", "cider")
 
     model = load_model(args.model, allow_download=False)
     dataset = load_coco(args.annotations, args.images or None)
@@ -47,7 +49,10 @@ def main() -> None:
         [float(x) for x in args.length_penalties.split(",")],
         [int(x) for x in args.ngram_blocks.split(",")],
     )
-    print(f"{'beam':>4} {'len.pen':>7} {'no-rep':>6} {'BLEU-1':>7} {'BLEU-4':>7} {'CIDEr':>7} {'distinct':>8} {'s':>5}")
+    print(
+        f"{'beam':>4} {'len.pen':>7} {'no-rep':>6} {'BLEU-1':>7} {'BLEU-2':>7} {'BLEU-3':>7} {'BLEU-4':>7} "
+        f"{'METEOR':>7} {'ROUGE-L':>7} {'CIDEr':>7} {'distinct':>8} {'s':>5}"
+    )
     for beam, penalty, block in grid:
         if beam == 1 and penalty:
             continue  # greedy ignores length normalisation
@@ -64,12 +69,11 @@ def main() -> None:
             for row, hyps in zip(batch, decode(model.decoder, cache.grids(batch), model.vocab, options), strict=True):
                 predictions[dataset.images[row].image_id] = model.vocab.decode(hyps[0].tokens)
         seconds = time.perf_counter() - start
-        scores = compute_metrics(predictions, references, metrics=("bleu", "cider"), java_tokenizer=False)
-        print(
-            f"{beam:>4} {penalty:>7} {block:>6} {scores['BLEU-1'] * 100:>7.1f} {scores['BLEU-4'] * 100:>7.1f} "
-            f"{scores['CIDEr'] * 100:>7.1f} {distinct_caption_share(predictions) * 100:>7.1f}% {seconds:>5.0f}",
-            flush=True,
-        )
+        scores = compute_metrics(predictions, references, metrics=metrics, java_tokenizer=args.official)
+        columns = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+        values = " ".join(f"{scores[c] * 100:>7.1f}" if c in scores else f"{'-':>7}" for c in columns)
+        share = distinct_caption_share(predictions) * 100
+        print(f"{beam:>4} {penalty:>7} {block:>6} {values} {share:>7.1f}% {seconds:>5.0f}", flush=True)
 
 
 if __name__ == "__main__":
