@@ -70,7 +70,10 @@ def build_feature_cache(
     entry = Path(cache_root) / cache_key(encoder, config, paths, dtype)
     meta_file = entry / "meta.json"
     if not meta_file.is_file():
-        _compute(encoder, config, paths, entry, dtype, batch_size, workers, device)
+        # The DataLoader draws a seed from the global RNG; a training run must not depend on whether its cache
+        # already existed, so computing one leaves the RNG as it found it.
+        with torch.random.fork_rng(devices=[]):
+            _compute(encoder, config, paths, entry, dtype, batch_size, workers, device)
     meta = json.loads(meta_file.read_text())
     features = np.memmap(entry / "features.bin", dtype=meta["dtype"], mode="r", shape=tuple(meta["shape"]))
     log.info("features cache %s: %d images, %d unreadable", entry, len(paths), len(meta["failed"]))

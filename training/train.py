@@ -333,6 +333,8 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
     if dist_info.world > 1 and config.train.tbptt:
         raise ValueError("train.tbptt is not supported under torchrun (DistributedDataParallel); set it to 0")
     started = time.time()
+    torch.manual_seed(config.train.seed)
+    np.random.seed(config.train.seed)
 
     # --- data and vocabulary (from the training split only)
     train_set = load_coco(config.data.train_annotations, config.data.images)
@@ -377,10 +379,7 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
     pairs = CaptionPairs(rows, tokens, train_cache, train_set, preprocess_config)
     log.info("training pairs: %d captions of %d images", len(pairs), len(usable))
 
-    # --- model, optimizer, schedule. Seeded here, after the features cache, whose DataLoader draws from the global
-    # RNG only when it has to compute: a run must not depend on whether its cache already existed.
-    torch.manual_seed(config.train.seed)
-    np.random.seed(config.train.seed)
+    # --- model, optimizer, schedule
     m = config.model
     decoder = CaptionDecoder(
         DecoderConfig(
