@@ -40,9 +40,11 @@ def test_files_match_recorded_hashes() -> None:
 def test_captions_the_sample_photos(captioner: Captioner) -> None:
     photos = sorted(SAMPLES.glob("*.jpg"))
     assert photos
+    penalty = captioner.options().length_penalty  # beams are ranked by log_prob / (words + <end>) ** penalty
     for captions in captioner.caption(photos, num_captions=3, beam_size=3):
         assert len(captions) == 3
-        assert captions[0].log_prob >= captions[1].log_prob >= captions[2].log_prob
+        scores = [c.log_prob / (len(c.tokens) + 1) ** penalty for c in captions]
+        assert scores == sorted(scores, reverse=True)
         words = captions[0].text.split()
         assert 3 <= len(words) <= 20 and set(words) <= set(captioner.vocab.words)
 
