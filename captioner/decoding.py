@@ -96,7 +96,6 @@ def _log_probs(logits: Tensor, words: Tensor, step: int, vocab: Vocabulary, opti
             else torch.ones_like(windows[..., 0], dtype=torch.bool)
         )
         blocked = torch.zeros_like(logp).scatter_reduce_(1, windows[:, :, -1], seen.float(), reduce="amax")
-        blocked[:, vocab.end] = 0
         logp = logp.masked_fill(blocked.bool(), -torch.inf)
     if step == options.max_length:
         end = logp[:, vocab.end].clone()

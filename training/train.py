@@ -18,6 +18,7 @@ Run directory layout::
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.atomic import atomic_write_bytes, atomic_write_text
-from captioner.checkpoint import CaptionModel, load_model, save_model
+from captioner.checkpoint import CaptionModel, load_model, read_config, save_model
 from captioner.decoding import DecodingOptions, decode
 from captioner.encoder import build_encoder
 from captioner.model import CaptionDecoder, DecoderConfig, masked_cross_entropy
@@ -235,16 +236,9 @@ def _save_last(
         "torch_rng": torch.get_rng_state(),
         "progress": progress,
     }
-    buffer = _torch_save_bytes(state)
-    atomic_write_bytes(out / "last" / TRAINER_STATE, buffer)
-
-
-def _torch_save_bytes(obj: object) -> bytes:
-    import io
-
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
+    torch.save(state, buffer)
+    atomic_write_bytes(out / "last" / TRAINER_STATE, buffer.getvalue())
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
@@ -297,15 +291,6 @@ class Distributed:
         return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _device(config: Config, distributed_local_rank: int) -> torch.device:
-    name = config.train.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", distributed_local_rank)
-    return torch.device(name)
-
-
 def _lr_lambda(config: Config, total_steps: int):  # noqa: ANN202 - LambdaLR factor function
     t = config.train
 
@@ -323,11 +308,11 @@ def _lr_lambda(config: Config, total_steps: int):  # noqa: ANN202 - LambdaLR fac
 def train(config: Config, out: str | Path, resume: bool = False) -> Path:
     """Train a model as ``config`` says, writing the run directory ``out``; returns the best model's directory."""
     out = Path(out)
-    requested = config.train.device
-    dist_info = Distributed.from_env(
-        "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
-    )
-    device = _device(config, dist_info.local_rank)
+    device_type = config.train.device
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    dist_info = Distributed.from_env(device_type)
+    device = torch.device("cuda", dist_info.local_rank) if device_type == "cuda" else torch.device(device_type)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     if dist_info.world > 1 and config.train.tbptt:
@@ -340,7 +325,7 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
     train_set = load_coco(config.data.train_annotations, config.data.images)
     val_set = load_coco(config.data.val_annotations, config.data.images)
     if resume and (out / "last" / "config.json").is_file():
-        vocab = Vocabulary.from_json(json.loads((out / "last" / "config.json").read_text())["vocabulary"])
+        vocab = Vocabulary.from_json(read_config(out / "last")["vocabulary"])
     else:
         vocab = Vocabulary.build((c for r in train_set.images for c in r.captions), config.data.min_word_count)
     log.info("vocabulary: %d words (min count %d)", len(vocab), config.data.min_word_count)
