@@ -1,7 +1,8 @@
 """Greedy and beam-search decoding, batched over images.
 
 Many images times K beams run as one tensor batch: every step is one call to ``CaptionDecoder.step`` on
-``batch * beam_size`` rows, and beams are reordered with tensor gathers, never a Python loop over images.
+``batch * beam_size`` rows (the attention memory stays one row per image, shared by its beams), and beams are
+reordered with tensor gathers, never a Python loop over images.
 
 Conventions shared by both strategies:
 
@@ -137,20 +138,23 @@ def _beam_search(
 ) -> list[list[Hypothesis]]:
     batch, k = state[0].size(0), options.beam_size
     device = state[0].device
-    # Every image's memory and state is repeated K times: row b * K + j is beam j of image b.
-    rows = torch.arange(batch, device=device).repeat_interleave(k)
-    memory = tuple(m[rows] for m in memory)
-    state = tuple(s[rows] for s in state)
-    tokens = torch.full((batch * k,), vocab.start, dtype=torch.long, device=device)
-    words = torch.empty((batch * k, 0), dtype=torch.long, device=device)
-    # Only beam 0 is live at the start, so the first step picks K different words instead of K copies of one.
-    log_prob = torch.full((batch, k), -torch.inf, device=device)
-    log_prob[:, 0] = 0.0
-    log_prob = log_prob.view(-1)
-    lengths = torch.zeros(batch * k, dtype=torch.long, device=device)
-    finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
+    # The first step runs once per image: all K beams would start from the same state, so its K best words
+    # start the K beams. From then on row b * K + j is beam j of image b; the memory stays one row per image.
+    logits, state, _ = decoder.step(torch.full((batch,), vocab.start, dtype=torch.long, device=device), state, memory)
+    logp = _log_probs(logits, torch.empty((batch, 0), dtype=torch.long, device=device), 0, vocab, options)
+    log_prob, tokens = logp.topk(min(k, logp.size(1)), dim=1)  # (batch, K) each, best first
+    if tokens.size(1) < k:  # a beam wider than the vocabulary: the extra beams start dead
+        log_prob = torch.nn.functional.pad(log_prob, (0, k - tokens.size(1)), value=-torch.inf)
+        tokens = torch.nn.functional.pad(tokens, (0, k - tokens.size(1)), value=vocab.pad)
+    log_prob, tokens = log_prob.reshape(-1), tokens.reshape(-1)
+    state = tuple(s.repeat_interleave(k, dim=0) for s in state)
+    words = tokens.unsqueeze(1)
+    lengths = torch.ones(batch * k, dtype=torch.long, device=device)
+    finished = tokens == vocab.end  # never at step 0 (an empty caption is not allowed), kept for clarity
     offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)
-    for step in range(options.max_length + 1):
+    for step in range(1, options.max_length + 1):
+        if bool(finished.all()):
+            break
         logits, state, _ = decoder.step(tokens, state, memory)
         logp = _log_probs(logits, words, step, vocab, options)
         # A finished beam continues only with <pad>, at no cost, so it keeps its place and score.
@@ -168,8 +172,6 @@ def _beam_search(
         finished = finished[source] | (tokens == vocab.end)
         words = torch.cat([words[source], tokens.unsqueeze(1)], dim=1)
         state = tuple(s[source] for s in state)
-        if bool(finished.all()):
-            break
     scores = (log_prob / _length_norm(lengths, options.length_penalty)).view(batch, k)
     order = scores.argsort(dim=1, descending=True, stable=True)
     words_list, log_prob_list, scores_list = words.tolist(), log_prob.view(batch, k).tolist(), scores.tolist()

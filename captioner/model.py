@@ -11,7 +11,8 @@ The cell is an LSTM (default), GRU or vanilla tanh RNN, stacked ``num_layers`` d
 used at every time step. ``forward`` is teacher-forced (training); ``step`` advances one word (decoding).
 
 State and memory are tuples of tensors whose first dimension is the batch, so the decoding code can expand and
-reorder them for beam search without knowing what they hold.
+reorder them for beam search without knowing what they hold. Memory has one row per image; state may have G rows
+per image (beams, samples), consecutive, and those rows share their image's memory.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 State = tuple[Tensor, ...]  # (h, c) for LSTM, (h,) otherwise; each (batch, num_layers, hidden_dim)
-Memory = tuple[Tensor, ...]  # (features (batch, N, C), attention keys (batch, N, A)); empty for "init"
+Memory = tuple[Tensor, ...]  # (features (images, N, C), attention keys (images, N, A)); empty for "init"
 
 CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 CONDITIONINGS = ("init", "attention")
@@ -57,7 +58,12 @@ class DecoderConfig:
 
 
 class SoftAttention(nn.Module):
-    """Additive attention: alpha = softmax(w . tanh(W_f f_i + W_h h)), context = sum_i alpha_i f_i."""
+    """Additive attention: alpha = softmax(w . tanh(W_f f_i + W_h h)), context = sum_i alpha_i f_i.
+
+    Several queries may share one image: with ``features`` for B images and ``hidden`` for B * G rows, rows
+    ``b * G .. b * G + G - 1`` all attend over image ``b`` (the G beams or samples of one image), so the feature
+    grid is never copied G times.
+    """
 
     def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int) -> None:
         super().__init__()
@@ -66,11 +72,13 @@ class SoftAttention(nn.Module):
         self.score = nn.Linear(attention_dim, 1)
 
     def forward(self, features: Tensor, keys: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """Context (batch, C) and weights (batch, N) for one query ``hidden`` (batch, H)."""
-        scores = self.score(torch.tanh(keys + self.query(hidden).unsqueeze(1))).squeeze(2)
-        alpha = scores.softmax(dim=1)
-        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)
-        return context, alpha
+        """Context (B * G, C) and weights (B * G, N) for queries ``hidden`` (B * G, H) over ``features`` (B, N, C)."""
+        images = features.size(0)
+        query = self.query(hidden).view(images, -1, 1, keys.size(2))  # (B, G, 1, A)
+        scores = self.score(torch.tanh(keys.unsqueeze(1) + query)).squeeze(3)  # (B, G, N)
+        alpha = scores.softmax(dim=2)
+        context = torch.bmm(alpha, features)  # (B, G, C)
+        return context.flatten(0, 1), alpha.flatten(0, 1)
 
 
 class CaptionDecoder(nn.Module):

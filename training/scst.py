@@ -112,9 +112,7 @@ def scst_loss(
     baseline = torch.tensor([cider.score(i, vocab.decode(h[0].tokens)) for i, h in zip(image_ids, greedy, strict=True)])
 
     memory, state = decoder.prepare(grid)
-    repeat = torch.arange(grid.size(0), device=grid.device).repeat_interleave(samples)
-    memory = tuple(m[repeat] for m in memory)
-    state = tuple(s[repeat] for s in state)
+    state = tuple(s.repeat_interleave(samples, dim=0) for s in state)  # the samples share their image's memory
     words, log_prob = sample_captions(decoder, memory, state, vocab, max_length)
     rewards = torch.tensor(
         [cider.score(image_ids[i // samples], vocab.decode(row)) for i, row in enumerate(words.tolist())]
