@@ -151,39 +151,59 @@ def _beam_search(
     words = tokens.unsqueeze(1)
     lengths = torch.ones(batch * k, dtype=torch.long, device=device)
     finished = tokens == vocab.end  # never at step 0 (an empty caption is not allowed), kept for clarity
-    offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)
+    images = torch.arange(batch, device=device)  # the input image of each image still in the batch
+    results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     for step in range(1, options.max_length + 1):
-        if bool(finished.all()):
-            break
         logits, state, _ = decoder.step(tokens, state, memory)
         logp = _log_probs(logits, words, step, vocab, options)
         # A finished beam continues only with <pad>, at no cost, so it keeps its place and score.
         logp[finished] = -torch.inf
         logp[finished, vocab.pad] = 0.0
-        candidates = log_prob.unsqueeze(1) + logp  # (batch * K, vocab)
+        candidates = log_prob.unsqueeze(1) + logp  # (images * K, vocab)
         new_lengths = lengths + (~finished).long()
         ranking = candidates / _length_norm(new_lengths, options.length_penalty).unsqueeze(1)
         vocab_size = ranking.size(1)
-        _, best = ranking.view(batch, k * vocab_size).topk(k, dim=1)  # (batch, K)
+        _, best = ranking.view(-1, k * vocab_size).topk(k, dim=1)  # (images, K)
+        offsets = (torch.arange(best.size(0), device=device) * k).unsqueeze(1)
         source = (offsets + best // vocab_size).view(-1)  # which row each new beam extends
         tokens = (best % vocab_size).view(-1)
-        log_prob = candidates.view(batch, k * vocab_size).gather(1, best).view(-1)
+        log_prob = candidates.view(-1, k * vocab_size).gather(1, best).view(-1)
         lengths = new_lengths[source]
         finished = finished[source] | (tokens == vocab.end)
         words = torch.cat([words[source], tokens.unsqueeze(1)], dim=1)
         state = tuple(s[source] for s in state)
-    scores = (log_prob / _length_norm(lengths, options.length_penalty)).view(batch, k)
+        settled = finished.view(-1, k).all(dim=1)
+        if bool(settled.any()):
+            # An image whose K beams have all ended cannot change any more: its hypotheses are read out and its
+            # rows leave the batch, so the remaining steps only pay for the images still searching.
+            rows = settled.repeat_interleave(k)
+            _read_out(results, images[settled], words[rows], log_prob[rows], lengths[rows], vocab, options)
+            keep, rows = ~settled, ~rows
+            images, memory = images[keep], tuple(m[keep] for m in memory)
+            tokens, log_prob, lengths, finished = tokens[rows], log_prob[rows], lengths[rows], finished[rows]
+            words, state = words[rows], tuple(s[rows] for s in state)
+            if images.numel() == 0:
+                break
+    _read_out(results, images, words, log_prob, lengths, vocab, options)  # those stopped by max_length
+    return results
+
+
+def _read_out(
+    results: list[list[Hypothesis]], images: Tensor, words: Tensor, log_prob: Tensor, lengths: Tensor,
+    vocab: Vocabulary, options: DecodingOptions,
+) -> None:
+    """Store the ``options.num_captions`` best of each image's K beams, best first, in ``results[image]``."""
+    k = options.beam_size
+    scores = (log_prob / _length_norm(lengths, options.length_penalty)).view(-1, k)
     order = scores.argsort(dim=1, descending=True, stable=True)
-    words_list, log_prob_list, scores_list = words.tolist(), log_prob.view(batch, k).tolist(), scores.tolist()
-    results = []
-    for b, beam_order in enumerate(order.tolist()):
+    words_list, log_prob_list, scores_list = words.tolist(), log_prob.view(-1, k).tolist(), scores.tolist()
+    for b, (image, beam_order) in enumerate(zip(images.tolist(), order.tolist(), strict=True)):
         hyps = [
             Hypothesis(_strip(words_list[b * k + j], vocab), log_prob_list[b][j], scores_list[b][j])
             for j in beam_order
             if log_prob_list[b][j] > -float("inf")
         ]
-        results.append(hyps[: options.num_captions])
-    return results
+        results[image] = hyps[: options.num_captions]
 
 
 def _strip(row: list[int], vocab: Vocabulary) -> list[int]:

@@ -257,3 +257,31 @@ def test_wide_beam_finds_the_exact_nbest(conditioning: str) -> None:
 def test_invalid_options_raise(options: dict) -> None:
     with pytest.raises(ValueError):
         DecodingOptions(**options)
+
+
+@pytest.mark.parametrize("conditioning", ["init", "attention"])
+def test_settled_images_leave_the_beam_batch(conditioning: str) -> None:
+    """Images whose beams have all ended drop out of later steps, and this changes no result."""
+    decoder, vocab = decoder_and_vocab("lstm", conditioning)
+    batch_sizes: list[int] = []
+    original_step = decoder.step
+
+    def counting_step(tokens: torch.Tensor, state: tuple, memory: tuple) -> tuple:
+        batch_sizes.append(tokens.size(0))
+        return original_step(tokens, state, memory)
+
+    grid = grids(12, seed=3)
+    options = DecodingOptions(beam_size=3, num_captions=3, max_length=12)
+    decoder.step = counting_step
+    try:
+        together = decode(decoder, grid, vocab, options)
+    finally:
+        del decoder.step
+    assert batch_sizes[0] == 12 and batch_sizes[1] == 36  # the first step once per image, then K rows each
+    assert batch_sizes[1:] == sorted(batch_sizes[1:], reverse=True) and batch_sizes[-1] < 36  # rows were dropped
+    assert all(size % 3 == 0 for size in batch_sizes[1:])
+    alone = [decode(decoder, grid[i : i + 1], vocab, options)[0] for i in range(12)]
+    assert [[h.tokens for h in hs] for hs in together] == [[h.tokens for h in hs] for hs in alone]
+    for hs_together, hs_alone in zip(together, alone, strict=True):
+        for a, b in zip(hs_together, hs_alone, strict=True):
+            assert a.log_prob == pytest.approx(b.log_prob, abs=1e-4)
