@@ -9,7 +9,12 @@ One random-weight decoder of realistic size (MobileNetV2 grid: 1280 channels, 7x
 checks that both give the same captions, and prints both times and (b)/(a). Random weights never emit ``<end>``
 early, so every beam runs to ``--max-length`` words in both: the ratio measures batching, not early stopping.
 
+With ``--model DIR`` (``default`` for the bundled model) the same comparison runs on a trained decoder and the
+encoder grids of real photos (the first ``--images`` Flickr8k photos when ``../shared`` is present, else the sample
+photos, repeated), with the model's own decoding defaults: captions end at their own lengths, as in real use.
+
     .venv/bin/python benchmarks/decoding.py
+    .venv/bin/python benchmarks/decoding.py --model default
     .venv/bin/python benchmarks/decoding.py --threads 1 --repeats 5
 """
 
@@ -26,9 +31,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from captioner.api import Captioner  # noqa: E402
 from captioner.decoding import DecodingOptions, Hypothesis, decode  # noqa: E402
 from captioner.model import CaptionDecoder, DecoderConfig  # noqa: E402
 from captioner.vocabulary import SPECIALS, Vocabulary  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
+SAMPLES = ROOT / "captioner" / "samples"
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -51,16 +61,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default=None, help="a model directory, or 'default' for the bundled model")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    vocab = Vocabulary([*SPECIALS, *(f"word{i}" for i in range(args.vocab - len(SPECIALS)))])
-    config = DecoderConfig(len(vocab), 1280, embed_dim=256, hidden_dim=512, attention_dim=256, dropout=0.0)
-    decoder = CaptionDecoder(config).eval().to(args.device)
-    grids = torch.rand(args.images, 1280, 7, 7, device=args.device) * 2.0  # post-ReLU6-like activations
-    options = DecodingOptions(strategy="beam", beam_size=args.beam_size, max_length=args.max_length)
+    if args.model:
+        captioner = Captioner.load(None if args.model == "default" else args.model, args.device)
+        decoder, vocab, config = captioner.model.decoder, captioner.vocab, captioner.model.decoder.config
+        photos = sorted(FLICKR.glob("*.jpg"))[: args.images] if FLICKR.is_dir() else []
+        photos = photos or [SAMPLES / name for name in sorted(p.name for p in SAMPLES.glob("*.jpg"))]
+        photos = [photos[i % len(photos)] for i in range(args.images)]
+        with torch.inference_mode():
+            grids = captioner.model.encoder(torch.stack([captioner.load_tensor(p) for p in photos]).to(args.device))
+        options = captioner.options(beam_size=args.beam_size, max_length=args.max_length)
+        source = f"{args.model} model on {'Flickr8k' if FLICKR.is_dir() else 'sample'} photos"
+    else:
+        vocab = Vocabulary([*SPECIALS, *(f"word{i}" for i in range(args.vocab - len(SPECIALS)))])
+        config = DecoderConfig(len(vocab), 1280, embed_dim=256, hidden_dim=512, attention_dim=256, dropout=0.0)
+        decoder = CaptionDecoder(config).eval().to(args.device)
+        grids = torch.rand(args.images, 1280, 7, 7, device=args.device) * 2.0  # post-ReLU6-like activations
+        options = DecodingOptions(strategy="beam", beam_size=args.beam_size, max_length=args.max_length)
+        source = "random weights"
     sync = torch.cuda.synchronize if grids.is_cuda else (lambda: None)
 
     def batched() -> list[list[Hypothesis]]:
@@ -86,11 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     gemm_small, gemm_big = gemm_row_costs(decoder, args.beam_size, rows, args.repeats)
 
     print(
-        f"decoder: embed 256, hidden 512, attention 256, vocab {len(vocab)}, grid 1280x7x7, {config.cell}; "
+        f"decoder ({source}): embed {config.embed_dim}, hidden {config.hidden_dim}, attention {config.attention_dim}, "
+        f"vocab {len(vocab)}, grid {tuple(grids.shape[1:])}, {config.cell}; "
         f"device {args.device}, torch threads {torch.get_num_threads()}"
     )
     print(
-        f"beam search: {args.images} images, beam {args.beam_size}, max_length {args.max_length} "
+        f"beam search: {args.images} images, beam {options.beam_size}, max_length {options.max_length}, "
+        f"length penalty {options.length_penalty}, no-repeat n-gram {options.no_repeat_ngram_size} "
         f"(caption lengths {min(lengths)}-{max(lengths)}), median of {args.repeats}"
     )
     per_image_ms = 1000 / args.images
