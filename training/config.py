@@ -93,6 +93,8 @@ class ScstConfig:
     samples: int = 5  # sampled captions per image
     batch_size: int = 50  # images per step
     max_length: int = 16
+    # "greedy": the reward of the greedy caption (self-critical); "mean": the mean reward of the image's other samples
+    baseline: str = "greedy"
 
 
 @dataclass

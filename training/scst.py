@@ -93,6 +93,9 @@ def sample_captions(
     return torch.stack(words, dim=1), log_prob
 
 
+BASELINES = ("greedy", "mean")
+
+
 def scst_loss(
     decoder: CaptionDecoder,
     grid: Tensor,
@@ -101,15 +104,27 @@ def scst_loss(
     cider: CiderD,
     samples: int,
     max_length: int,
+    baseline: str = "greedy",
 ) -> tuple[Tensor, float, float]:
-    """One SCST loss for a batch of images; returns (loss, mean sample reward, mean greedy reward)."""
-    from captioner.decoding import DecodingOptions, decode
+    """One SCST loss for a batch of images; returns (loss, mean sample reward, mean baseline reward).
 
-    was_training = decoder.training
-    decoder.eval()
-    greedy = decode(decoder, grid, vocab, DecodingOptions(strategy="greedy", max_length=max_length))
-    decoder.train(was_training)
-    baseline = torch.tensor([cider.score(i, vocab.decode(h[0].tokens)) for i, h in zip(image_ids, greedy, strict=True)])
+    ``baseline="greedy"`` is Rennie et al.'s self-critical baseline: the reward of the greedy caption.
+    ``baseline="mean"`` uses, for each sample, the mean reward of the image's other samples (Luo 2020, "A Better
+    Variant of Self-Critical Sequence Training"): no greedy decoding, and a baseline that tracks the samples.
+    """
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown SCST baseline {baseline!r} (expected one of {BASELINES})")
+    if baseline == "mean" and samples < 2:
+        raise ValueError("the 'mean' SCST baseline needs at least 2 samples per image")
+    if baseline == "greedy":
+        from captioner.decoding import DecodingOptions, decode
+
+        was_training = decoder.training
+        decoder.eval()
+        greedy = decode(decoder, grid, vocab, DecodingOptions(strategy="greedy", max_length=max_length))
+        decoder.train(was_training)
+        greedy_rewards = [cider.score(i, vocab.decode(h[0].tokens)) for i, h in zip(image_ids, greedy, strict=True)]
+        baselines = torch.tensor(greedy_rewards).repeat_interleave(samples)
 
     memory, state = decoder.prepare(grid)
     state = tuple(s.repeat_interleave(samples, dim=0) for s in state)  # the samples share their image's memory
@@ -117,6 +132,9 @@ def scst_loss(
     rewards = torch.tensor(
         [cider.score(image_ids[i // samples], vocab.decode(row)) for i, row in enumerate(words.tolist())]
     )
-    advantage = (rewards - baseline.repeat_interleave(samples)).to(grid.device)
+    if baseline == "mean":
+        per_image = rewards.view(-1, samples)
+        baselines = ((per_image.sum(dim=1, keepdim=True) - per_image) / (samples - 1)).view(-1)
+    advantage = (rewards - baselines).to(grid.device)
     loss = -(advantage * log_prob).mean()
-    return loss, float(rewards.mean()), float(baseline.mean())
+    return loss, float(rewards.mean()), float(baselines.mean())

@@ -47,6 +47,7 @@ from training.config import Config
 from training.data import CaptionDataset, load_coco
 from training.evaluation import compute_metrics, format_metrics, score_captions
 from training.features import FeatureCache, build_feature_cache
+from training.scst import BASELINES as SCST_BASELINES
 from training.scst import CiderD, scst_loss
 
 log = logging.getLogger(__name__)
@@ -317,6 +318,8 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
         torch.set_num_threads(config.train.threads)
     if dist_info.world > 1 and config.train.tbptt:
         raise ValueError("train.tbptt is not supported under torchrun (DistributedDataParallel); set it to 0")
+    if config.scst.baseline not in SCST_BASELINES:  # checked now, not after the cross-entropy epochs
+        raise ValueError(f"unknown scst.baseline {config.scst.baseline!r} (expected one of {SCST_BASELINES})")
     started = time.time()
     torch.manual_seed(config.train.seed)
     np.random.seed(config.train.seed)
@@ -492,15 +495,16 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
                     cider,
                     config.scst.samples,
                     config.scst.max_length,
+                    config.scst.baseline,
                 )
                 loss.backward()
                 _optimizer_step(optimizer, scheduler, config.train.grad_clip, dist_info.world, sync=True)
                 progress["step"] += 1
                 losses.append(float(loss.detach()))
-                bar.set_postfix(reward=f"{reward:.3f}", greedy=f"{baseline:.3f}")
+                bar.set_postfix(reward=f"{reward:.3f}", baseline=f"{baseline:.3f}")
                 if writer is not None:
                     writer.add_scalar("scst/sample_reward", reward, progress["step"])
-                    writer.add_scalar("scst/greedy_reward", baseline, progress["step"])
+                    writer.add_scalar("scst/baseline_reward", baseline, progress["step"])
 
         entry: dict = {
             "epoch": epoch,
