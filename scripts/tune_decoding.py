@@ -71,7 +71,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         scores = compute_metrics(predictions, references, metrics=metrics, java_tokenizer=args.official)
         columns = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-        values = " ".join(f"{scores[c] * 100:>7.1f}" if c in scores else f"{'-':>7}" for c in columns)
+        values = " ".join(f"{scores[c] * 100:>7.2f}" if c in scores else f"{'-':>7}" for c in columns)
         share = distinct_caption_share(predictions) * 100
         print(f"{beam:>4} {penalty:>7} {block:>6} {values} {share:>7.1f}% {seconds:>5.0f}", flush=True)
 
