@@ -1,6 +1,7 @@
 """Batch captioning throughput: is image I/O hidden behind the model?
 
-Measures, on the same images and batch size, with the model's real pretrained encoder (EfficientNet-Lite0 for the bundled model):
+Measures, on the same images and batch size, with the model's real pretrained encoder (EfficientNet-Lite0 for the
+bundled model):
 
   (a) encoder only, on ready tensors;
   (b) encoder + batched decoding (beam 3) on images already in memory (``Captioner.caption_tensors``);
