@@ -16,8 +16,9 @@ def _umask() -> int:
 
 
 # mkstemp/mkdtemp create private (0600/0700) entries; what we publish gets the usual permissions instead.
-_FILE_MODE = 0o666 & ~_umask()
-_DIR_MODE = 0o777 & ~_umask()
+_UMASK = _umask()
+_FILE_MODE = 0o666 & ~_UMASK
+_DIR_MODE = 0o777 & ~_UMASK
 
 
 def _fsync_dir(path: Path) -> None:

@@ -156,10 +156,13 @@ def test_scst_baseline_errors(tmp_path: Path, data: dict[str, Path]) -> None:
     grid = torch.randn(1, 1280, 2, 2)
     with pytest.raises(ValueError, match="at least 2 samples"):
         scst_loss(model.decoder, grid, [7], model.vocab, CiderD({7: ["a cat"]}), 1, 8, "mean")
-    with pytest.raises(ValueError, match="unknown SCST baseline 'best'"):
+    with pytest.raises(ValueError, match="unknown scst.baseline 'best'"):
         scst_loss(model.decoder, grid, [7], model.vocab, CiderD({7: ["a cat"]}), 2, 8, "best")
     config = load_config(tiny_config(tmp_path, data, scst={"epochs": 1, "baseline": "best"}))
     with pytest.raises(ValueError, match="unknown scst.baseline 'best'"):
+        train(config, tmp_path / "run")
+    config = load_config(tiny_config(tmp_path, data, scst={"epochs": 1, "baseline": "mean", "samples": 1}))
+    with pytest.raises(ValueError, match="at least 2 samples"):
         train(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before any work
 

@@ -4,7 +4,8 @@ For each image the decoder samples ``k`` captions; each sample's reward is its C
 the CIDEr-D of the greedy caption of the same image (the "self-critical" baseline), and the loss is the REINFORCE
 estimate ``-(reward - baseline) * log p(sample)``. CIDEr-D's document frequencies come from the whole training set,
 as in the paper; pycocoevalcap's scorer only computes them from the references it is given, so the small scorer
-below reuses its n-gram counting and adds corpus-level frequencies.
+below reuses its n-gram counting and adds corpus-level frequencies. ``baseline="mean"`` replaces the greedy caption's
+reward by the mean reward of the image's other samples.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from pycocoevalcap.cider.cider_scorer import precook
 from torch import Tensor
 
+from captioner.decoding import DecodingOptions, decode
 from captioner.model import CaptionDecoder, Memory, State
 from captioner.vocabulary import Vocabulary, tokenize
 
@@ -96,6 +98,14 @@ def sample_captions(
 BASELINES = ("greedy", "mean")
 
 
+def check_baseline(baseline: str, samples: int) -> None:
+    """Raise ValueError unless ``baseline`` is known and has the samples it needs (``train`` calls it up front)."""
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown scst.baseline {baseline!r} (expected one of {BASELINES})")
+    if baseline == "mean" and samples < 2:
+        raise ValueError("scst.baseline 'mean' needs at least 2 samples per image (scst.samples)")
+
+
 def scst_loss(
     decoder: CaptionDecoder,
     grid: Tensor,
@@ -112,13 +122,8 @@ def scst_loss(
     ``baseline="mean"`` uses, for each sample, the mean reward of the image's other samples (Luo 2020, "A Better
     Variant of Self-Critical Sequence Training"): no greedy decoding, and a baseline that tracks the samples.
     """
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown SCST baseline {baseline!r} (expected one of {BASELINES})")
-    if baseline == "mean" and samples < 2:
-        raise ValueError("the 'mean' SCST baseline needs at least 2 samples per image")
+    check_baseline(baseline, samples)
     if baseline == "greedy":
-        from captioner.decoding import DecodingOptions, decode
-
         was_training = decoder.training
         decoder.eval()
         greedy = decode(decoder, grid, vocab, DecodingOptions(strategy="greedy", max_length=max_length))

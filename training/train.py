@@ -47,8 +47,8 @@ from training.config import Config
 from training.data import CaptionDataset, load_coco
 from training.evaluation import compute_metrics, format_metrics, score_captions
 from training.features import FeatureCache, build_feature_cache
-from training.scst import BASELINES as SCST_BASELINES
 from training.scst import CiderD, scst_loss
+from training.scst import check_baseline as check_scst_baseline
 
 log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
@@ -318,8 +318,7 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
         torch.set_num_threads(config.train.threads)
     if dist_info.world > 1 and config.train.tbptt:
         raise ValueError("train.tbptt is not supported under torchrun (DistributedDataParallel); set it to 0")
-    if config.scst.baseline not in SCST_BASELINES:  # checked now, not after the cross-entropy epochs
-        raise ValueError(f"unknown scst.baseline {config.scst.baseline!r} (expected one of {SCST_BASELINES})")
+    check_scst_baseline(config.scst.baseline, config.scst.samples)  # now, not after the cross-entropy epochs
     started = time.time()
     torch.manual_seed(config.train.seed)
     np.random.seed(config.train.seed)
