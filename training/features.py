@@ -1,8 +1,9 @@
 """The features cache: the frozen encoder runs once per image, its grids are kept in a memory-mapped file.
 
 A cache entry is a directory named by a hash of everything that determines the features (encoder name, weights
-sha256, preprocessing parameters, storage dtype and the image list), so a change to any of them computes a new
-entry and a rerun with the same settings reuses the old one, across epochs and across runs.
+sha256, preprocessing parameters, storage dtype, the image list and whether the images were mirrored), so a
+change to any of them computes a new entry and a rerun with the same settings reuses the old one, across epochs and
+across runs. Mirrored entries hold the grids of the horizontally flipped images, for training-time augmentation.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class FeatureCache:
         return torch.from_numpy(np.ascontiguousarray(self.features[rows])).float()
 
 
-def cache_key(encoder: Encoder, config: PreprocessConfig, paths: list[Path], dtype: str) -> str:
+def cache_key(encoder: Encoder, config: PreprocessConfig, paths: list[Path], dtype: str, mirrored: bool = False) -> str:
     """Hash of everything the cached features depend on."""
     identity = {
         "version": CACHE_VERSION,
@@ -51,6 +52,8 @@ def cache_key(encoder: Encoder, config: PreprocessConfig, paths: list[Path], dty
         "dtype": dtype,
         "paths": [str(Path(p).resolve()) for p in paths],
     }
+    if mirrored:  # only then, so the keys of existing unmirrored entries stay valid
+        identity["mirrored"] = True
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -63,17 +66,21 @@ def build_feature_cache(
     batch_size: int = 64,
     workers: int = 2,
     device: str = "cpu",
+    mirrored: bool = False,
 ) -> FeatureCache:
-    """Load the cache entry for ``paths`` or compute it (with a progress bar) and then load it."""
+    """Load the cache entry for ``paths`` or compute it (with a progress bar) and then load it.
+
+    ``mirrored`` encodes each preprocessed image flipped left to right (the same preprocessing, then a mirror).
+    """
     if encoder.weights_sha256 is None:
         raise ValueError("the features cache needs a pretrained encoder (its weights hash is part of the key)")
-    entry = Path(cache_root) / cache_key(encoder, config, paths, dtype)
+    entry = Path(cache_root) / cache_key(encoder, config, paths, dtype, mirrored)
     meta_file = entry / "meta.json"
     if not meta_file.is_file():
         # The DataLoader draws a seed from the global RNG; a training run must not depend on whether its cache
         # already existed, so computing one leaves the RNG as it found it.
         with torch.random.fork_rng(devices=[]):
-            _compute(encoder, config, paths, entry, dtype, batch_size, workers, device)
+            _compute(encoder, config, paths, entry, dtype, batch_size, workers, device, mirrored)
     meta = json.loads(meta_file.read_text())
     features = np.memmap(entry / "features.bin", dtype=meta["dtype"], mode="r", shape=tuple(meta["shape"]))
     log.info("features cache %s: %d images, %d unreadable", entry, len(paths), len(meta["failed"]))
@@ -89,6 +96,7 @@ def _compute(
     batch_size: int,
     workers: int,
     device: str,
+    mirrored: bool,
 ) -> None:
     entry.mkdir(parents=True, exist_ok=True)
     encoder = encoder.to(device).eval()
@@ -100,12 +108,14 @@ def _compute(
     loader = make_loader([str(p) for p in paths], config, batch_size, workers)  # the batch command's loader
     failed: list[int] = []
     row = 0
-    with torch.inference_mode(), tqdm(total=len(paths), desc="encoding images", unit="img") as bar:
+    desc = "encoding mirrored images" if mirrored else "encoding images"
+    with torch.inference_mode(), tqdm(total=len(paths), desc=desc, unit="img") as bar:
         for batch in loader:
             good = [row + i for i, error in enumerate(batch.errors) if error is None]
             failed += [row + i for i, error in enumerate(batch.errors) if error is not None]
             if batch.images is not None:
-                features[good] = encoder(batch.images.to(device)).float().cpu().numpy().astype(dtype)
+                images = batch.images.flip(-1) if mirrored else batch.images
+                features[good] = encoder(images.to(device)).float().cpu().numpy().astype(dtype)
             row += len(batch)
             bar.update(len(batch))
     features.flush()

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -78,7 +79,12 @@ def encode_captions(
 
 
 class CaptionPairs(Dataset):
-    """Index i -> (image input, tokens): the cached grid of the pair's image, or the preprocessed image."""
+    """Index i -> (image input, tokens): the cached grid of the pair's image, or the preprocessed image.
+
+    With a ``mirror_cache`` (the grids of the horizontally flipped images), :meth:`choose_mirrored` draws, for each
+    epoch, which pairs read their image's mirrored grid instead: a seeded coin per pair, so a resumed or distributed
+    run makes the same choices.
+    """
 
     def __init__(
         self,
@@ -87,9 +93,17 @@ class CaptionPairs(Dataset):
         cache: FeatureCache | None,
         dataset: CaptionDataset,
         preprocess_config: PreprocessConfig,
+        mirror_cache: FeatureCache | None = None,
     ) -> None:
-        self.rows, self.tokens, self.cache = rows, tokens, cache
+        self.rows, self.tokens, self.cache, self.mirror_cache = rows, tokens, cache, mirror_cache
         self.dataset, self.preprocess_config = dataset, preprocess_config
+        self.mirrored = torch.zeros(len(rows), dtype=torch.bool)
+
+    def choose_mirrored(self, seed: int, epoch: int) -> None:
+        """Draw this epoch's pairs that use the mirrored grid (half of them, on average)."""
+        if self.mirror_cache is not None:
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 50_000)
+            self.mirrored = torch.rand(len(self.rows), generator=generator) < 0.5
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -97,7 +111,8 @@ class CaptionPairs(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         row = int(self.rows[index])
         if self.cache is not None:
-            image = torch.from_numpy(np.asarray(self.cache.features[row], dtype=np.float32))
+            cache = self.mirror_cache if self.mirrored[index] else self.cache
+            image = torch.from_numpy(np.asarray(cache.features[row], dtype=np.float32))
         else:
             image = preprocess(self.dataset.images[row].path, self.preprocess_config)
         return image, self.tokens[index]
@@ -228,7 +243,8 @@ def _optimizer_step(
 
 
 def _save_last(
-    out: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, scheduler: object, progress: dict
+    out: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, scheduler: object, progress: dict,
+    ema: AveragedModel | None,
 ) -> None:
     save_model(model, out / "last")
     state = {
@@ -237,6 +253,8 @@ def _save_last(
         "torch_rng": torch.get_rng_state(),
         "progress": progress,
     }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(out / "last" / TRAINER_STATE, buffer.getvalue())
@@ -318,6 +336,10 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
         torch.set_num_threads(config.train.threads)
     if dist_info.world > 1 and config.train.tbptt:
         raise ValueError("train.tbptt is not supported under torchrun (DistributedDataParallel); set it to 0")
+    if config.train.mirror_images and config.encoder.fine_tune_blocks > 0:
+        raise ValueError("train.mirror_images needs cached features: set encoder.fine_tune_blocks = 0")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
     check_scst_baseline(config.scst.baseline, config.scst.samples)  # now, not after the cross-entropy epochs
     started = time.time()
     torch.manual_seed(config.train.seed)
@@ -344,7 +366,7 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
     )
     fine_tune = config.encoder.fine_tune_blocks > 0
 
-    def cache_for(dataset: CaptionDataset) -> FeatureCache:
+    def cache_for(dataset: CaptionDataset, mirrored: bool = False) -> FeatureCache:
         return build_feature_cache(
             encoder,
             preprocess_config,
@@ -353,6 +375,7 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
             config.train.cache_dtype,
             workers=config.train.workers,
             device=str(device),
+            mirrored=mirrored,
         )
 
     # Rank 0 fills the cache first; the other ranks then read the finished entry.
@@ -360,11 +383,12 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
         dist.barrier()
     val_cache = cache_for(val_set)
     train_cache = None if fine_tune else cache_for(train_set)
+    mirror_cache = cache_for(train_set, mirrored=True) if config.train.mirror_images else None
     if dist_info.main and dist_info.world > 1:
         dist.barrier()
     usable = set(range(len(train_set.images))) - (train_cache.failed if train_cache else set())
     rows, tokens = encode_captions(train_set, vocab, config.data.max_caption_length, usable)
-    pairs = CaptionPairs(rows, tokens, train_cache, train_set, preprocess_config)
+    pairs = CaptionPairs(rows, tokens, train_cache, train_set, preprocess_config, mirror_cache)
     log.info("training pairs: %d captions of %d images", len(pairs), len(usable))
 
     # --- model, optimizer, schedule
@@ -387,6 +411,11 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
         encoder, decoder, vocab, preprocess_config, name=config.output.name, version=config.output.version
     )
     steps_per_epoch = math.ceil(len(pairs) // dist_info.world / config.train.batch_size)
+    # Polyak averaging: validation and best/ use the moving average of the weights, last/ the trained weights.
+    ema = None
+    if config.train.ema_decay:
+        ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay), use_buffers=True)
+    evaluated = ema.module if ema is not None else decoder
 
     def make_optimizer(stage: str) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         if stage == "scst":  # a small constant learning rate, decoder only
@@ -415,6 +444,10 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if ema is not None:
+            if "ema" not in state:
+                raise ValueError(f"{out / 'last'} was trained without train.ema_decay; resume with the same config")
+            ema.load_state_dict(state["ema"])
         log.info("resuming after epoch %d (step %d)", progress["epoch"], progress["step"])
     else:
         optimizer, scheduler = make_optimizer("xe")
@@ -442,6 +475,8 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
                 raise ValueError("SCST needs cached features: set encoder.fine_tune_blocks = 0 or scst.epochs = 0")
             if (out / "best").is_dir():
                 decoder.load_state_dict(load_model(out / "best").decoder.state_dict())
+            if ema is not None:  # the average restarts from the weights SCST starts from
+                ema.module.load_state_dict(decoder.state_dict())
             optimizer, scheduler = make_optimizer("scst")
             progress["stage"], progress["bad_evals"] = "scst", 0
         epoch_start = time.time()
@@ -453,6 +488,7 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
                 len(pairs), config.train.batch_size, config.train.seed, epoch, dist_info.rank, dist_info.world,
                 lengths=(tokens != vocab.pad).sum(dim=1) if config.train.bucket_by_length else None,
             )
+            pairs.choose_mirrored(config.train.seed, epoch)
             loader = DataLoader(pairs, batch_sampler=batches, num_workers=config.train.workers if fine_tune else 0)
             bar = tqdm(loader, desc=f"epoch {epoch}/{total_epochs} xe", disable=not dist_info.main, unit="batch")
             for images, batch_tokens in bar:
@@ -468,6 +504,8 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
                         loss.backward()
                         loss_value = float(loss.detach())
                 _optimizer_step(optimizer, scheduler, config.train.grad_clip, dist_info.world, sync=False)
+                if ema is not None:
+                    ema.update_parameters(decoder)
                 progress["step"] += 1
                 losses.append(loss_value)
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -498,6 +536,8 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
                 )
                 loss.backward()
                 _optimizer_step(optimizer, scheduler, config.train.grad_clip, dist_info.world, sync=True)
+                if ema is not None:
+                    ema.update_parameters(decoder)
                 progress["step"] += 1
                 losses.append(float(loss.detach()))
                 bar.set_postfix(reward=f"{reward:.3f}", baseline=f"{baseline:.3f}")
@@ -516,8 +556,10 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
             improved = False
             if epoch % config.train.eval_every == 0 or epoch in (config.train.epochs, total_epochs):
                 eval_start = time.time()
-                scores, _ = validate(decoder, vocab, val_cache, val_set, config, device)
+                scores, _ = validate(evaluated, vocab, val_cache, val_set, config, device)
                 entry["val"] = scores
+                if ema is not None:  # the trained weights too, to show what the averaging adds
+                    entry["val_trained_weights"], _ = validate(decoder, vocab, val_cache, val_set, config, device)
                 entry["eval_seconds"] = time.time() - eval_start
                 for key, value in scores.items():
                     writer.add_scalar(f"val/{key}", value, epoch)
@@ -545,9 +587,9 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
             }
             if improved:
                 model.metrics = {"val": scores, "epoch": epoch, "stage": stage}
-                save_model(model, out / "best")
+                save_model(dataclasses.replace(model, decoder=evaluated), out / "best")
             progress["epoch"] = epoch
-            _save_last(out, model, optimizer, scheduler, progress)
+            _save_last(out, model, optimizer, scheduler, progress, ema)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
             _plot_curves(progress["history"], out / "curves.png")
