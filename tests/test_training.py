@@ -84,6 +84,25 @@ def test_resume_reaches_the_same_weights(
     assert [e["stage"] for e in _history(tmp_path / "resumed")] == ["xe", "xe", "xe", "scst"]
 
 
+def test_bfloat16_autocast_on_cpu_learns_and_keeps_float32_weights(tmp_path: Path, data: dict[str, Path]) -> None:
+    config = load_config(tiny_config(tmp_path, data, train={"epochs": 3, "amp_on_cpu": True}))
+    calls = []
+    real_loss = train_module.caption_loss
+
+    def loss_under_autocast(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(torch.is_autocast_enabled("cpu"))
+        return real_loss(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "caption_loss", loss_under_autocast)
+        train(config, tmp_path / "run")
+    assert calls and all(calls)
+    losses = [entry["train_loss"] for entry in _history(tmp_path / "run")]
+    assert losses[-1] < losses[0] * 0.9, losses
+    weights = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
+    assert {t.dtype for k, t in weights.items() if k.startswith("decoder.")} == {torch.float32}
+
+
 def test_ema_validates_and_keeps_the_average_of_the_weights(tmp_path: Path, data: dict[str, Path]) -> None:
     config = load_config(tiny_config(tmp_path, data, train={"epochs": 3, "ema_decay": 0.9}))
     best = train(config, tmp_path / "run")

@@ -65,7 +65,8 @@ class TrainConfig:
     # Augmentation: each epoch, every training pair uses its image's grid or (with probability 1/2) the grid of the
     # mirrored image, from a second features cache. Needs cached features (encoder.fine_tune_blocks = 0).
     mirror_images: bool = False
-    # > 0: validate and keep (best/) an exponential moving average of the decoder weights with this decay per step
+    # > 0: validate and keep (best/) an exponential moving average of the decoder weights with this decay per step.
+    # On the Flickr8k recipe (cosine schedule) 0.999 scored 0.9-1.8 dev CIDEr below the trained weights: left off.
     ema_decay: float = 0.0
     attention_penalty: float = 1.0  # doubly stochastic attention regularisation (Show, Attend and Tell)
     tbptt: int = 0  # > 0: truncated backpropagation through time in chunks of this many steps
@@ -74,6 +75,7 @@ class TrainConfig:
     patience: int = 4  # evaluations without CIDEr improvement before stopping
     device: str = "auto"  # "auto": cuda when available
     amp: bool = True  # bfloat16 autocast on CUDA
+    amp_on_cpu: bool = False  # bfloat16 autocast on CPU too (fast on CPUs with AVX-512 BF16 or AMX)
     cache_dir: str = "cache/features"
     cache_dtype: str = "float16"
     workers: int = 2

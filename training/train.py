@@ -462,7 +462,7 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"))
-    use_amp = config.train.amp and device.type == "cuda"
+    use_amp = config.train.amp and device.type == "cuda" or config.train.amp_on_cpu and device.type == "cpu"
     cider = None
     total_epochs = config.train.epochs + config.scst.epochs
 
@@ -495,7 +495,7 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
                 images, batch_tokens = images.to(device, non_blocking=True), batch_tokens.to(device)
                 batch_tokens = batch_tokens[:, : int((batch_tokens != vocab.pad).sum(1).max())]  # trim padding
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     grid = encoder(images) if fine_tune else images
                     if config.train.tbptt:
                         loss_value = tbptt_backward(decoder, grid, batch_tokens, config, vocab.pad)
