@@ -229,9 +229,13 @@ def validate(
 
 
 def _optimizer_step(
-    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, clip: float, world: int, sync: bool
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, clip: float, world: int, sync: bool,
+    ema: AveragedModel | None = None, model: nn.Module | None = None,
 ) -> None:
-    """Clip the gradient norm and step; ``sync`` averages gradients across ranks (when DDP did not already)."""
+    """Clip the gradient norm and step; ``sync`` averages gradients across ranks (when DDP did not already).
+
+    With ``ema``, the moving average then takes in ``model``'s new weights.
+    """
     parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if sync and world > 1:
         for p in parameters:
@@ -240,6 +244,8 @@ def _optimizer_step(
     torch.nn.utils.clip_grad_norm_(parameters, clip)
     optimizer.step()
     scheduler.step()
+    if ema is not None:
+        ema.update_parameters(model)
 
 
 def _save_last(
@@ -462,7 +468,7 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"))
-    use_amp = config.train.amp and device.type == "cuda" or config.train.amp_on_cpu and device.type == "cpu"
+    use_amp = (config.train.amp and device.type == "cuda") or (config.train.amp_on_cpu and device.type == "cpu")
     cider = None
     total_epochs = config.train.epochs + config.scst.epochs
 
@@ -503,9 +509,9 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
                         loss = caption_loss(net, grid, batch_tokens, config, vocab.pad)
                         loss.backward()
                         loss_value = float(loss.detach())
-                _optimizer_step(optimizer, scheduler, config.train.grad_clip, dist_info.world, sync=False)
-                if ema is not None:
-                    ema.update_parameters(decoder)
+                _optimizer_step(
+                    optimizer, scheduler, config.train.grad_clip, dist_info.world, sync=False, ema=ema, model=decoder
+                )
                 progress["step"] += 1
                 losses.append(loss_value)
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -535,9 +541,9 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
                     config.scst.baseline,
                 )
                 loss.backward()
-                _optimizer_step(optimizer, scheduler, config.train.grad_clip, dist_info.world, sync=True)
-                if ema is not None:
-                    ema.update_parameters(decoder)
+                _optimizer_step(
+                    optimizer, scheduler, config.train.grad_clip, dist_info.world, sync=True, ema=ema, model=decoder
+                )
                 progress["step"] += 1
                 losses.append(float(loss.detach()))
                 bar.set_postfix(reward=f"{reward:.3f}", baseline=f"{baseline:.3f}")
