@@ -1,13 +1,16 @@
 """The Python API: ``Captioner.load(path).caption(images)``.
 
-This is the single decoding path behind the CLI, the batch command and the HTTP service.
+The one path behind every door (the CLI, the batch command, the HTTP service, evaluation): images are read and
+turned into the encoder's input by :func:`captioner.preprocess.prepare_image`, decoding options come from
+:meth:`Captioner.options` (the model's recorded defaults, then what the user gave), and
+:meth:`Captioner.caption_tensors` encodes and decodes a batch, with one set of options or one per image.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +18,7 @@ import torch
 from captioner.checkpoint import CaptionModel, load_model
 from captioner.decoding import DecodingOptions, decode
 from captioner.errors import CheckpointError
-from captioner.preprocess import DEFAULT_MAX_PIXELS, ImageSource, load_image, to_tensor
+from captioner.preprocess import DEFAULT_MAX_PIXELS, ImageSource, prepare_image
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 
@@ -26,7 +29,8 @@ class Caption:
 
     text: str
     tokens: list[str]
-    log_prob: float
+    log_prob: float  # summed log-probability of the words and <end>
+    score: float  # the ranking score: log_prob / length ** length_penalty (captions come best score first)
 
     @property
     def probability(self) -> float:
@@ -66,16 +70,13 @@ class Captioner:
     def version(self) -> str:
         return self.model.version
 
-    def options(self, **overrides: object) -> DecodingOptions:
-        """Decoding options: the model's recorded defaults, then ``overrides`` (None values are ignored)."""
-        known = {f.name for f in fields(DecodingOptions)}
-        values = {k: v for k, v in self.model.decoding.items() if k in known}
-        values |= {k: v for k, v in overrides.items() if v is not None}
-        return DecodingOptions(**values)
+    def options(self, **given: object) -> DecodingOptions:
+        """Decoding options: the model's recorded defaults, then ``given`` (None values mean "not given")."""
+        return DecodingOptions.from_recorded(self.model.decoding, **given)
 
     def load_tensor(self, image: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-        """The one preprocessing path: any image source to the encoder's input tensor."""
-        return to_tensor(load_image(image, self.preprocess_config, max_pixels), self.preprocess_config)
+        """Any image source to the encoder's input tensor, with this model's preprocessing."""
+        return prepare_image(image, self.preprocess_config, max_pixels).tensor
 
     def caption(
         self,
@@ -106,16 +107,21 @@ class Captioner:
         batch = torch.stack([self.load_tensor(image) for image in images])
         return self.caption_tensors(batch, options)
 
-    def caption_tensors(self, batch: torch.Tensor, options: DecodingOptions) -> list[list[Caption]]:
-        """Caption preprocessed images (B, 3, H, W) in one encoder and decoder batch."""
+    def caption_tensors(
+        self, batch: torch.Tensor, options: DecodingOptions | Sequence[DecodingOptions]
+    ) -> list[list[Caption]]:
+        """Caption preprocessed images (B, 3, H, W): the one batched entry point of every door.
+
+        ``options`` is one set for the whole batch or one per image (the service's micro-batches mix requests):
+        the encoder runs once on the batch, then :func:`captioner.decoding.decode` once per distinct options.
+        """
+        if batch.size(0) == 0:
+            return []
         with torch.inference_mode():
             grid = self.model.encoder(batch.to(self.device, non_blocking=True))
-            return self.caption_grids(grid, options)
-
-    def caption_grids(self, grid: torch.Tensor, options: DecodingOptions) -> list[list[Caption]]:
-        """Caption encoder feature grids (B, C, h, w), e.g. from the training features cache."""
-        results = decode(self.model.decoder, grid.to(self.device).float(), self.vocab, options)
+            results = decode(self.model.decoder, grid.float(), self.vocab, options)
         return [
-            [Caption(self.vocab.decode(h.tokens), [self.vocab.words[t] for t in h.tokens], h.log_prob) for h in hyps]
+            [Caption(self.vocab.decode(h.tokens), [self.vocab.words[t] for t in h.tokens], h.log_prob, h.score)
+             for h in hyps]
             for hyps in results
         ]

@@ -37,7 +37,7 @@ from captioner.api import Caption, Captioner
 from captioner.atomic import _fsync_dir
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError
-from captioner.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, load_image, to_tensor
+from captioner.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, preprocess
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 FORMATS = ("jsonl", "csv", "coco")
@@ -206,7 +206,7 @@ class LoadedImage(NamedTuple):
 def load_item(path: str, config: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Decode and preprocess one file exactly as :meth:`Captioner.load_tensor` does; failures become data."""
     try:
-        return LoadedImage(path, to_tensor(load_image(path, config, max_pixels), config), None)
+        return LoadedImage(path, preprocess(path, config, max_pixels), None)
     except (CaptionerError, OSError) as exc:
         return LoadedImage(path, None, str(exc) or type(exc).__name__)
     except Exception as exc:  # noqa: BLE001 - one odd file (a decoder bug, an exotic format) must not stop a run

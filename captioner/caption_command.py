@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from captioner.batch import (
     read_completed,
     run_batch,
 )
+from captioner.decoding import OPTION_SPECS, OptionSpec, parse_option
 from captioner.errors import CaptionerError
 
 EXIT_FAILED_IMAGES = 1
@@ -42,15 +44,26 @@ EXIT_INTERRUPTED = 130
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    """Decoding flags shared by every command that writes captions."""
-    # None means "the model's recorded default" (config.json "decoding"), then DecodingOptions' own defaults.
-    recorded = "default: the model's recorded value"
-    parser.add_argument("--strategy", choices=["greedy", "beam"], default=None, help=f"{recorded}, else beam")
-    parser.add_argument("--beam-size", type=int, default=None, help=f"{recorded}, else 3")
-    parser.add_argument("--max-length", type=int, default=None, help=f"{recorded}, else 20")
-    parser.add_argument("--num-captions", type=int, default=None, help="captions per image (default 1)")
-    parser.add_argument("--length-penalty", type=float, default=None, help="default: the model's recorded value")
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=None, help="default: the model's recorded value")
+    """Decoding flags shared by every command that writes captions: names, ranges and help from the library's
+    ``OPTION_SPECS``, values read by its ``parse_option`` (the HTTP parameters' parser)."""
+    # None means "the model's recorded default" (config.json "decoding"), as at every door.
+    for spec in OPTION_SPECS:
+        parser.add_argument(
+            spec.flag, type=_option_parser(spec), default=None, choices=spec.choices or None,
+            metavar=None if spec.choices else ("N" if spec.kind is int else "X"),
+            help=f"{spec.help}; {spec.describe_range()} (default: the model's recorded value)",
+        )
+
+
+def _option_parser(spec: OptionSpec) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        try:
+            return parse_option(spec.name, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = spec.name  # argparse names the type in some messages
+    return parse
 
 
 def _positive_int(text: str) -> int:

@@ -16,7 +16,9 @@ Conventions shared by both strategies:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -28,8 +30,88 @@ STRATEGIES = ("greedy", "beam")
 
 
 @dataclass(frozen=True)
+class OptionSpec:
+    """One decoding option as the doors offer it: its type, the range a user may ask for, and its help.
+
+    The CLI flags (``add_decoding_arguments``), the HTTP parameters (``service/params.py``) and the OpenAPI document
+    all read :data:`OPTION_SPECS`; :func:`parse_option` is the one parser of a user's text. The library itself
+    accepts wider values (e.g. a beam as wide as the vocabulary in tests): these are the limits for requests.
+    """
+
+    name: str
+    kind: type  # str, int or float
+    help: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag, e.g. ``--beam-size``."""
+        return "--" + self.name.replace("_", "-")
+
+    def describe_range(self) -> str:
+        """``one of greedy, beam`` or ``a whole number from 1 to 10``."""
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        what = "a whole number" if self.kind is int else "a number"
+        return f"{what} from {self.low:g} to {self.high:g}"
+
+
+OPTION_SPECS: tuple[OptionSpec, ...] = (
+    OptionSpec("strategy", str, "decoding strategy", choices=STRATEGIES),
+    OptionSpec("beam_size", int, "beams kept by beam search", 1, 10),
+    OptionSpec("max_length", int, "most words per caption", 1, 50),
+    OptionSpec("num_captions", int, "captions returned, best first: at most beam_size (beam) or 1 (greedy)", 1, 10),
+    OptionSpec("length_penalty", float, "beams are ranked by log_prob / length ** length_penalty (0: the plain sum)",
+               0, 2),
+    OptionSpec("no_repeat_ngram_size", int, "forbid repeating any n-gram of this many words (0: off)", 0, 10),
+)
+OPTIONS_BY_NAME = {spec.name: spec for spec in OPTION_SPECS}
+
+# Strict ASCII numbers: Python's int() and float() also take "1_0", "+3", "1e3", "nan" and Arabic-Indic digits.
+_INT = re.compile(r"[0-9]+")
+_FLOAT = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
+
+def parse_option(name: str, text: str) -> str | int | float | None:
+    """A user's text for option ``name`` as its value; None for a blank text ("not given": the model's default).
+
+    Surrounding spaces are ignored; numbers are plain ASCII digits (no sign, exponent or ``_``); a value outside
+    the option's range raises ``ValueError`` with a message naming the option and what it accepts.
+    """
+    spec = OPTIONS_BY_NAME.get(name)
+    if spec is None:
+        raise ValueError(f"unknown decoding option {name!r}; known: {', '.join(OPTIONS_BY_NAME)}")
+    stripped = text.strip(" \t")
+    if not stripped:
+        return None
+    if spec.choices:
+        if stripped.lower() not in spec.choices:
+            raise ValueError(f"{name} must be {spec.describe_range()}, got {text!r}")
+        return stripped.lower()
+    pattern = _INT if spec.kind is int else _FLOAT
+    if not pattern.fullmatch(stripped):
+        raise ValueError(f"{name} must be {spec.describe_range()}, got {text!r}")
+    value = spec.kind(stripped)
+    if not spec.low <= value <= spec.high:
+        raise ValueError(f"{name} must be {spec.describe_range()}, got {text!r}")
+    return value
+
+
+def parse_options(values: Mapping[str, str]) -> dict[str, str | int | float]:
+    """The given options among ``values`` (name -> text), parsed by :func:`parse_option`; blank ones are left out."""
+    parsed = {name: parse_option(name, text) for name, text in values.items()}
+    return {name: value for name, value in parsed.items() if value is not None}
+
+
+@dataclass(frozen=True)
 class DecodingOptions:
-    """How to turn the decoder's distributions into captions."""
+    """How to turn the decoder's distributions into captions.
+
+    Every door builds one with :meth:`from_recorded`: the model's recorded defaults (its ``config.json``
+    ``decoding``), then what the user gave; an option the user did not give is the model's, never the door's.
+    """
 
     strategy: str = "beam"
     beam_size: int = 3
@@ -46,11 +128,28 @@ class DecodingOptions:
             raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
         if self.max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {self.max_length}")
-        width = self.beam_size if self.strategy == "beam" else 1
-        if not 1 <= self.num_captions <= width:
-            raise ValueError(f"num_captions must be between 1 and {width} for {self.strategy}, got {self.num_captions}")
+        if not 1 <= self.num_captions <= self.width:
+            limit = f"beam_size ({self.beam_size})" if self.strategy == "beam" else "1 with strategy=greedy"
+            raise ValueError(f"num_captions must be from 1 to {limit}, got {self.num_captions}")
         if self.no_repeat_ngram_size < 0:
             raise ValueError("no_repeat_ngram_size must be >= 0")
+
+    @property
+    def width(self) -> int:
+        """Hypotheses kept while decoding: ``beam_size`` for beam search, 1 for greedy (the most captions)."""
+        return self.beam_size if self.strategy == "beam" else 1
+
+    @classmethod
+    def from_recorded(cls, recorded: Mapping[str, object], **given: object) -> DecodingOptions:
+        """``recorded`` (a model's decoding defaults; unknown keys are ignored), then ``given`` (None: not given)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in recorded.items() if k in known}
+        values |= {k: v for k, v in given.items() if v is not None}
+        return cls(**values)
+
+    def to_json(self) -> dict[str, str | int | float]:
+        """The options a user can set (:data:`OPTION_SPECS`), e.g. for an HTTP response's ``options``."""
+        return {spec.name: getattr(self, spec.name) for spec in OPTION_SPECS}
 
 
 @dataclass(frozen=True)
@@ -63,14 +162,36 @@ class Hypothesis:
 
 
 def decode(
+    decoder: CaptionDecoder, grid: Tensor, vocab: Vocabulary, options: DecodingOptions | Sequence[DecodingOptions]
+) -> list[list[Hypothesis]]:
+    """Decode a batch of encoder grids (batch, C, H, W); per image, its ``num_captions`` hypotheses, best first.
+
+    The one batched decoding function: ``options`` is one :class:`DecodingOptions` for every image or one per image
+    (the service's micro-batches mix requests). Images are grouped by their options and each group's rows of
+    ``grid`` are decoded as one batch, so an image's captions never depend on what else is in the batch.
+    """
+    per_image = [options] * grid.size(0) if isinstance(options, DecodingOptions) else list(options)
+    if len(per_image) != grid.size(0):
+        raise ValueError(f"{grid.size(0)} images but {len(per_image)} decoding options")
+    groups: dict[DecodingOptions, list[int]] = {}
+    for index, opts in enumerate(per_image):
+        groups.setdefault(opts, []).append(index)
+    results: list[list[Hypothesis]] = [[] for _ in per_image]
+    with torch.inference_mode():
+        for opts, indices in groups.items():
+            rows = grid if len(indices) == len(per_image) else grid[torch.tensor(indices, device=grid.device)]
+            for index, hyps in zip(indices, _decode_group(decoder, rows, vocab, opts), strict=True):
+                results[index] = hyps
+    return results
+
+
+def _decode_group(
     decoder: CaptionDecoder, grid: Tensor, vocab: Vocabulary, options: DecodingOptions
 ) -> list[list[Hypothesis]]:
-    """Decode a batch of encoder grids (batch, C, H, W); per image, ``options.num_captions`` hypotheses, best first."""
-    with torch.inference_mode():
-        memory, state = decoder.prepare(grid)
-        if options.strategy == "greedy":
-            return [[h] for h in _greedy(decoder, memory, state, vocab, options)]
-        return _beam_search(decoder, memory, state, vocab, options)
+    memory, state = decoder.prepare(grid)
+    if options.strategy == "greedy":
+        return [[h] for h in _greedy(decoder, memory, state, vocab, options)]
+    return _beam_search(decoder, memory, state, vocab, options)
 
 
 def _length_norm(lengths: Tensor, penalty: float) -> Tensor:

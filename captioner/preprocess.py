@@ -1,8 +1,11 @@
-"""The one preprocessing path: any image source -> RGB PIL image -> normalised tensor.
+"""The one preprocessing path: any image source -> upright RGB image -> normalised tensor.
 
-Training, batch captioning and the service all call :func:`load_image` and :func:`to_tensor` (or
-:func:`preprocess`, which is both), with the :class:`PreprocessConfig` stored in the model's checkpoint, so a caption
-never depends on which door an image came in by.
+Two steps, one function each: :func:`read_image` reads any source (format check, damaged vs not an image, size
+limit, EXIF rotation, JPEG draft mode) and :func:`to_tensor` makes the encoder's input. :func:`prepare_image` is
+both, with the format and upright size the service reports; :func:`preprocess` (the tensor alone) and
+:func:`load_image` (the pixels alone) are its shorthands. The Python API, the batch command, the service and
+training all come through here with the :class:`PreprocessConfig` stored in the model, so a caption never depends
+on which door an image came in by, and a damaged file is the same error at every door.
 """
 
 from __future__ import annotations
@@ -71,6 +74,25 @@ class PreprocessConfig:
         )
 
 
+# Unambiguous magic numbers of formats Pillow reads: bytes starting with one are a damaged image, not a non-image.
+SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+EXIF_ORIENTATION = 0x0112
+
+
+def known_signature(data: bytes) -> str | None:
+    """The image format ``data`` (a file's first bytes) declares by its magic number, if any (WebP: RIFF....WEBP)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in SIGNATURES if data.startswith(magic)), None)
+
+
 def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image lazily (header only) and check its size, raising a library error for bad input."""
     if isinstance(source, Image.Image):
@@ -89,6 +111,9 @@ def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         try:
             image = Image.open(fp)
         except UnidentifiedImageError as exc:
+            signature = _signature_of(fp)
+            if signature:  # Pillow gave up, but the bytes say which format it is: a damaged file, not a non-image
+                raise CorruptImageError(f"{signature} data is truncated or corrupt") from exc
             raise NotAnImageError("not an image, or an image format Pillow cannot read") from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise CorruptImageError(f"cannot read image header: {exc}") from exc
@@ -120,17 +145,42 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(
-    source: ImageSource, config: PreprocessConfig | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> Image.Image:
-    """Decode any supported image source to an upright RGB PIL image.
+def _signature_of(fp: io.BytesIO | str | os.PathLike) -> str | None:
+    """:func:`known_signature` of an opened source's first bytes."""
+    if isinstance(fp, io.BytesIO):
+        return known_signature(fp.getvalue()[:16])
+    with open(fp, "rb") as file:
+        return known_signature(file.read(16))
 
-    JPEGs are decoded in draft mode at the smallest DCT scale that still covers ``config.size``: a 12-megapixel
-    photo decodes at 1/8 of its pixels, because the model only ever sees 224x224 of them.
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image read by :func:`read_image`."""
+
+    image: Image.Image  # upright 8-bit RGB; JPEGs may be decoded smaller than width x height (draft mode)
+    format: str | None  # as judged from the bytes ("JPEG", "PNG", ...); None for a PIL image made in memory
+    width: int  # the source's upright size (after EXIF rotation), not the decoded size
+    height: int
+
+
+def read_image(
+    source: ImageSource, config: PreprocessConfig | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> DecodedImage:
+    """Read any image source (a path, bytes or a PIL image): the one image reader of every door.
+
+    Bad input raises the library's errors: :class:`NotAnImageError` (zero bytes, text, HTML, formats Pillow cannot
+    read), :class:`CorruptImageError` (truncated or damaged data, including bytes with an image format's magic
+    number that Pillow cannot open), :class:`ImageTooLargeError` (over ``max_pixels``, checked from the header
+    before decoding); a missing path raises ``FileNotFoundError``. JPEGs are decoded in draft mode at the smallest
+    DCT scale that still covers ``config.size``: a 12-megapixel photo decodes at 1/8 of its pixels, because the
+    model only ever sees 224x224 of them.
     """
     config = config or PreprocessConfig()
     image = open_image(source, max_pixels=max_pixels)
+    image_format, (width, height) = image.format, image.size
     try:
+        if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+            width, height = height, width
         if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr"):
             image.draft("RGB" if image.mode != "L" else "L", (config.size, config.size))
         if getattr(image, "is_animated", False):
@@ -139,9 +189,19 @@ def load_image(
             warnings.simplefilter("ignore")  # e.g. palette-with-transparency notices
             image.load()
             image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            rgb = _to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise CorruptImageError(f"image data is truncated or corrupt: {exc}") from exc
+    except Exception as exc:  # a decoder bug on hostile bytes (struct.error, IndexError...) is still bad input
+        raise CorruptImageError(f"image data cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    return DecodedImage(rgb, image_format, width, height)
+
+
+def load_image(
+    source: ImageSource, config: PreprocessConfig | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """The upright RGB pixels of :func:`read_image` (e.g. for thumbnails)."""
+    return read_image(source, config, max_pixels).image
 
 
 def to_tensor(image: Image.Image, config: PreprocessConfig | None = None) -> torch.Tensor:
@@ -163,8 +223,26 @@ def to_tensor(image: Image.Image, config: PreprocessConfig | None = None) -> tor
     return (pixels - mean) / std
 
 
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image ready for the encoder, with what the service reports about it."""
+
+    tensor: torch.Tensor  # (3, size, size), normalised
+    format: str | None  # see DecodedImage
+    width: int  # the source's upright size
+    height: int
+
+
+def prepare_image(
+    source: ImageSource, config: PreprocessConfig | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> PreparedImage:
+    """Any image source to the encoder's input: :func:`read_image` then :func:`to_tensor`."""
+    decoded = read_image(source, config, max_pixels)
+    return PreparedImage(to_tensor(decoded.image, config), decoded.format, decoded.width, decoded.height)
+
+
 def preprocess(
     source: ImageSource, config: PreprocessConfig | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> torch.Tensor:
-    """Any image source to the encoder's input tensor (3, size, size): :func:`load_image` then :func:`to_tensor`."""
-    return to_tensor(load_image(source, config, max_pixels), config)
+    """The encoder's input tensor (3, size, size) of :func:`prepare_image`."""
+    return prepare_image(source, config, max_pixels).tensor

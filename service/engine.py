@@ -16,43 +16,20 @@ from PIL import Image
 
 from captioner.api import Captioner
 from captioner.decoding import DecodingOptions
-from captioner.errors import CorruptImageError, ImageError, NotAnImageError
-from captioner.preprocess import load_image, open_image, to_tensor
+from captioner.preprocess import PreparedImage, prepare_image, to_tensor
 from service import metrics
-from service.batching import BatchResult, MicroBatcher, Ticket, caption_mixed
 from service.config import Settings
 from service.errors import ApiError
+from service.microbatch import BatchResult, MicroBatcher, Ticket
 
 log = logging.getLogger("service.engine")
 
-EXIF_ORIENTATION = 0x0112
-# Unambiguous magic numbers of formats Pillow reads: bytes starting with one are a damaged image, not a non-image.
-SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
-
-
-def known_signature(data: bytes) -> str | None:
-    """The image format ``data`` declares by its magic number, if any (WebP: RIFF....WEBP)."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP"
-    return next((name for magic, name in SIGNATURES if data.startswith(magic)), None)
-
 
 @dataclass(frozen=True)
-class PreparedImage:
-    """An uploaded image, decoded and resized in the request thread."""
+class TimedImage(PreparedImage):
+    """An upload prepared by the library in the request thread (tensor, format, upright size), and how long it took."""
 
-    tensor: torch.Tensor
-    format: str | None
-    width: int  # the upload's upright size (after EXIF rotation), not the decoded size
-    height: int
-    preprocess_ms: float
+    preprocess_ms: float = 0.0
 
 
 class Engine:
@@ -122,7 +99,7 @@ class Engine:
         tensor = to_tensor(Image.new("RGB", (size, size), (128, 128, 128)), captioner.preprocess_config)
         for strategy in ("greedy", "beam"):
             options = captioner.options(strategy=strategy, beam_size=3, num_captions=1, max_length=5)
-            caption_mixed(captioner, [tensor], [options])
+            captioner.caption_tensors(tensor.unsqueeze(0), options)
 
     @property
     def ready(self) -> bool:
@@ -145,34 +122,18 @@ class Engine:
             raise ApiError(503, "not_ready", "the model is still loading; retry shortly", {"Retry-After": "5"})
         return self.captioner
 
-    def prepare(self, data: bytes) -> PreparedImage:
-        """Decode and resize an upload (raises the library's image errors for bad bytes)."""
+    def prepare(self, data: bytes) -> TimedImage:
+        """Read and resize an upload with the library's one image path (raises its image errors for bad bytes)."""
         captioner = self.require()
         started = time.perf_counter()
-        try:
-            image = open_image(data, max_pixels=self.settings.max_pixels)
-            image_format, (width, height) = image.format, image.size
-            if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
-                width, height = height, width
-            rgb = load_image(image, captioner.preprocess_config, max_pixels=self.settings.max_pixels)
-            tensor = to_tensor(rgb, captioner.preprocess_config)
-        except NotAnImageError as exc:
-            signature = known_signature(data)
-            if signature:  # Pillow gave up, but the bytes say which format it is: a damaged file, not a non-image
-                raise CorruptImageError(f"{signature} data is truncated or corrupt: {exc}") from exc
-            raise
-        except ImageError:
-            raise
-        except Exception as exc:  # a decoder bug on hostile bytes (struct.error, IndexError...) is still bad input
-            log.warning("image decoder failed unexpectedly: %r", exc)
-            raise CorruptImageError(f"image data cannot be decoded: {type(exc).__name__}: {exc}") from exc
+        prepared = prepare_image(data, captioner.preprocess_config, max_pixels=self.settings.max_pixels)
         elapsed = time.perf_counter() - started
         metrics.PREPROCESS.observe(elapsed)
-        return PreparedImage(tensor, image_format, width, height, elapsed * 1000.0)
+        return TimedImage(prepared.tensor, prepared.format, prepared.width, prepared.height, elapsed * 1000.0)
 
-    def options(self, **values: object) -> DecodingOptions:
-        """The model's decoding defaults with the request's values on top."""
-        return self.require().options(**values)
+    def options(self, **given: object) -> DecodingOptions:
+        """The model's recorded decoding options with the request's values on top (None: not given)."""
+        return self.require().options(**given)
 
     @contextmanager
     def expecting(self, count: int) -> Iterator[Ticket | None]:
@@ -184,7 +145,7 @@ class Engine:
             yield ticket
 
     def caption(
-        self, images: list[PreparedImage], options: DecodingOptions, ticket: Ticket | None = None
+        self, images: list[TimedImage], options: DecodingOptions, ticket: Ticket | None = None
     ) -> list[BatchResult]:
         """Captions for each prepared image, through the micro-batcher when batching is on."""
         captioner = self.require()
@@ -194,7 +155,7 @@ class Engine:
             # One model call at a time: concurrent torch calls would only fight over the same cores.
             with self._model_lock:
                 started = time.perf_counter()
-                captions = caption_mixed(captioner, [i.tensor for i in images], [options] * len(images))
+                captions = captioner.caption_tensors(torch.stack([i.tensor for i in images]), options)
                 elapsed = time.perf_counter() - started
             metrics.observe_batch(len(images), elapsed)
             return [BatchResult(c, len(images), 0.0, elapsed * 1000.0) for c in captions]

@@ -50,12 +50,12 @@ class ApiError(Exception):
 def image_error(exc: ImageError) -> ApiError:
     """The API error for a library image error (judged from the bytes, never the file name or content type)."""
     if isinstance(exc, NotAnImageError):
-        return ApiError(415, "not_an_image", str(exc))
+        return ApiError(415, "not_an_image", exc.message)
     if isinstance(exc, ImageTooLargeError):
-        return ApiError(413, "image_too_large", str(exc))
+        return ApiError(413, "image_too_large", exc.message)
     if isinstance(exc, CorruptImageError):
-        return ApiError(422, "corrupt_image", str(exc))
-    return ApiError(422, "bad_image", str(exc))
+        return ApiError(422, "corrupt_image", exc.message)
+    return ApiError(422, "bad_image", exc.message)
 
 
 def error_response(error: ApiError, extra: dict | None = None) -> Response:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from captioner.decoding import OPTION_SPECS, OptionSpec
 from service.config import Settings
-from service.params import BEAM_SIZE, DEFAULT_STRATEGY, IMAGE_FIELD, MAX_LENGTH, NUM_CAPTIONS, STRATEGIES
+from service.params import IMAGE_FIELD
 
 JSON = "application/json"
 
@@ -22,20 +23,18 @@ def _error(description: str) -> dict:
     return _json(_ref("Error"), description)
 
 
-def _int_param(name: str, low: int, high: int, default: int, description: str) -> dict:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": {"type": "integer", "minimum": low, "maximum": high, "default": default}}
+def _parameter(spec: OptionSpec) -> dict:
+    """A decoding option (name, type, range and help from the library's one list) as a query parameter."""
+    if spec.choices:
+        schema: dict[str, Any] = {"type": "string", "enum": list(spec.choices)}
+    else:
+        schema = {"type": "integer" if spec.kind is int else "number", "minimum": spec.low, "maximum": spec.high}
+    description = f"{spec.help}. Default: the model's recorded value (a response's `options` shows what was used)"
+    return {"name": spec.name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
 def _parameters() -> list[dict]:
-    return [
-        {"name": "strategy", "in": "query", "required": False, "description": "decoding strategy",
-         "schema": {"type": "string", "enum": list(STRATEGIES), "default": DEFAULT_STRATEGY}},
-        _int_param("beam_size", BEAM_SIZE.low, BEAM_SIZE.high, BEAM_SIZE.default, "beams kept by beam search"),
-        _int_param("max_length", MAX_LENGTH.low, MAX_LENGTH.high, MAX_LENGTH.default, "most words per caption"),
-        _int_param("num_captions", NUM_CAPTIONS.low, NUM_CAPTIONS.high, NUM_CAPTIONS.default,
-                   "captions returned, best first: at most beam_size (beam) or 1 (greedy)"),
-    ]
+    return [_parameter(spec) for spec in OPTION_SPECS]
 
 
 def _multipart(settings: Settings, many: bool) -> dict:
@@ -73,13 +72,17 @@ def _schemas() -> dict:
                 },
             }},
         },
-        "Caption": {"type": "object", "required": ["text", "log_prob", "probability"], "properties": {
+        "Caption": {"type": "object", "required": ["text", "log_prob", "probability", "score"], "properties": {
             "text": {"type": "string", "example": "a dog runs on the grass"},
             "log_prob": {**number, "description": "summed log-probability of the words and <end>"},
             "probability": {**number, "description": "exp(log_prob)"},
+            "score": {**number, "description": "the ranking score, log_prob / (words + 1) ** length_penalty: "
+                                               "captions come highest score first"},
         }},
         "Model": {"type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "string"}}},
-        "Options": {"type": "object", "properties": {p["name"]: p["schema"] for p in _parameters()}},
+        "Options": {"type": "object", "description": "the decoding options used: the model's recorded defaults, "
+                                                     "then the request's parameters",
+                    "properties": {p["name"]: p["schema"] for p in _parameters()}},
         "ImageInfo": {"type": "object", "properties": {
             "format": {"type": "string", "nullable": True, "example": "JPEG"},
             "width": {"type": "integer"}, "height": {"type": "integer"},
@@ -152,7 +155,8 @@ def build_spec(settings: Settings, server_url: str | None = None) -> dict:
             | {k: v for k, v in _image_errors(settings).items() if k in ("400", "413", "415", "503")},
         }},
         "/model/predict": {"post": {
-            "tags": ["MAX compatibility"], "summary": "IBM MAX Image Caption Generator: top 3 beam captions",
+            "tags": ["MAX compatibility"],
+            "summary": "IBM MAX Image Caption Generator: the top 3 captions, with the model's decoding options",
             "operationId": "maxPredict",
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "required": [IMAGE_FIELD],

@@ -1,4 +1,8 @@
-"""Request parameters (query string or form fields) and uploaded image bytes, validated into 400/415 errors."""
+"""Request parameters (query string or form fields) and uploaded image bytes, validated into 400/415 errors.
+
+The decoding parameters are the library's (:data:`captioner.decoding.OPTION_SPECS`), parsed by its one parser; a
+parameter the request does not give is the model's recorded default, as at every other door.
+"""
 
 from __future__ import annotations
 
@@ -8,41 +12,12 @@ from flask import Request
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from captioner.api import Captioner
+from captioner.decoding import OPTIONS_BY_NAME, DecodingOptions, parse_options
 from service.errors import ApiError
 
 IMAGE_FIELD = "image"
-STRATEGIES = ("greedy", "beam")
 RAW_CONTENT_TYPES = ("image/", "application/octet-stream")
-
-
-@dataclass(frozen=True)
-class IntRange:
-    """An integer parameter's bounds and default."""
-
-    low: int
-    high: int
-    default: int
-
-
-BEAM_SIZE = IntRange(1, 10, 3)
-MAX_LENGTH = IntRange(1, 50, 20)
-NUM_CAPTIONS = IntRange(1, 10, 1)
-DEFAULT_STRATEGY = "beam"
-PARAMETERS = ("strategy", "beam_size", "max_length", "num_captions")
-
-
-@dataclass(frozen=True)
-class CaptionParams:
-    """Validated decoding parameters of one request."""
-
-    strategy: str = DEFAULT_STRATEGY
-    beam_size: int = BEAM_SIZE.default
-    max_length: int = MAX_LENGTH.default
-    num_captions: int = NUM_CAPTIONS.default
-
-    def to_json(self) -> dict:
-        return {"strategy": self.strategy, "beam_size": self.beam_size, "max_length": self.max_length,
-                "num_captions": self.num_captions}
 
 
 def _bad(message: str) -> ApiError:
@@ -59,39 +34,22 @@ def _values(request: Request) -> MultiDict:
     return values
 
 
-def _int(values: MultiDict, name: str, bounds: IntRange) -> int:
-    raw = values.get(name)
-    if raw is None or raw.strip() == "":
-        return bounds.default
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise _bad(f"{name} must be an integer from {bounds.low} to {bounds.high}, got {raw!r}") from None
-    if not bounds.low <= value <= bounds.high:
-        raise _bad(f"{name} must be from {bounds.low} to {bounds.high}, got {value}")
-    return value
+def request_options(request: Request, captioner: Captioner) -> DecodingOptions:
+    """The decoding options of ``request``: the model's recorded defaults, then the parameters it gives.
 
-
-def parse_params(request: Request, allowed_extra: tuple[str, ...] = ()) -> CaptionParams:
-    """The decoding parameters of ``request``; unknown or repeated parameters are 400 errors too (typos fail loudly)."""
+    Unknown or repeated parameters are 400 errors too (typos fail loudly), as are values out of range.
+    """
     values = _values(request)
-    unknown = sorted(set(values) - set(PARAMETERS) - set(allowed_extra))
+    unknown = sorted(set(values) - set(OPTIONS_BY_NAME))
     if unknown:
-        raise _bad(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(PARAMETERS)}")
+        raise _bad(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(OPTIONS_BY_NAME)}")
     repeated = sorted(name for name in values if len(values.getlist(name)) > 1)
     if repeated:
         raise _bad(f"parameter(s) given more than once: {', '.join(repeated)}")
-    strategy = (values.get("strategy") or DEFAULT_STRATEGY).strip().lower()
-    if strategy not in STRATEGIES:
-        raise _bad(f"strategy must be one of {', '.join(STRATEGIES)}, got {values.get('strategy')!r}")
-    beam_size = _int(values, "beam_size", BEAM_SIZE)
-    max_length = _int(values, "max_length", MAX_LENGTH)
-    num_captions = _int(values, "num_captions", NUM_CAPTIONS)
-    width = beam_size if strategy == "beam" else 1
-    if num_captions > width:
-        limit = f"beam_size ({beam_size})" if strategy == "beam" else "1 with strategy=greedy"
-        raise _bad(f"num_captions must be at most {limit}, got {num_captions}")
-    return CaptionParams(strategy, beam_size, max_length, num_captions)
+    try:
+        return captioner.options(**parse_options(values.to_dict()))
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from PIL import Image
 
 import captioner.api as api
 from captioner import Caption, Captioner, DecodingOptions
+from captioner.decoding import decode
 from captioner.errors import CheckpointError, NotAnImageError
 
 SAMPLES = Path(api.__file__).parent / "samples"
@@ -101,8 +102,15 @@ def test_caption_grids_and_tensors_agree(captioner: Captioner) -> None:
     options = captioner.options(beam_size=2, num_captions=2)
     with torch.no_grad():
         grid = captioner.model.encoder(batch)
-    assert captioner.caption_tensors(batch, options) == captioner.caption_grids(grid, options)
+    # Grids (e.g. training's features cache) go straight to decode(), the function caption_tensors ends in.
+    from_grids = [[(captioner.vocab.decode(h.tokens), h.log_prob, h.score) for h in hyps]
+                  for hyps in decode(captioner.model.decoder, grid, captioner.vocab, options)]
+    captions = captioner.caption_tensors(batch, options)
+    assert [[(c.text, c.log_prob, c.score) for c in caps] for caps in captions] == from_grids
     assert captioner.caption_tensors(batch, options) == captioner.caption(images, beam_size=2, num_captions=2)
+    # Per-image options (the service's mixed micro-batches) give each image what it would get alone.
+    mixed = captioner.caption_tensors(batch, [captioner.options(strategy="greedy"), options])
+    assert mixed == [captioner.caption_tensors(batch[:1], captioner.options(strategy="greedy"))[0], captions[1]]
 
 
 def test_load_from_a_directory(tiny_model_dir: Path) -> None:

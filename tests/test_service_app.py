@@ -16,10 +16,10 @@ from upload_corpus import jpeg, png
 
 from captioner.api import Captioner
 from captioner.errors import CheckpointError
+from captioner.preprocess import known_signature
 from service.app import create_app
-from service.batching import MicroBatcher, caption_mixed
 from service.config import SETTINGS, Settings, load_settings
-from service.engine import known_signature
+from service.microbatch import MicroBatcher
 from service.routes.common import ENGINE_KEY
 
 STATIC = Path(__file__).resolve().parents[1] / "service" / "static"
@@ -91,10 +91,12 @@ def test_caption_response_shape(client: FlaskClient) -> None:
     assert set(body) == {"captions", "model", "options", "image", "batch_size", "timing_ms"}
     assert len(body["captions"]) == 2
     for caption in body["captions"]:
-        assert set(caption) == {"text", "log_prob", "probability"} and caption["text"]
+        assert set(caption) == {"text", "log_prob", "probability", "score"} and caption["text"]
         assert caption["probability"] == pytest.approx(2.718281828 ** caption["log_prob"], rel=1e-6)
     assert body["model"] == {"name": "tiny", "version": "test"}
-    assert body["options"] == {"strategy": "beam", "beam_size": 3, "max_length": 20, "num_captions": 2}
+    # The options used: the tiny model records none, so DecodingOptions' defaults, and the request's num_captions.
+    assert body["options"] == {"strategy": "beam", "beam_size": 3, "max_length": 20, "num_captions": 2,
+                               "length_penalty": 0.0, "no_repeat_ngram_size": 0}
     assert body["image"] == {"format": "JPEG", "width": 96, "height": 64}
     assert set(body["timing_ms"]) == {"preprocess", "queue", "inference", "total"}
 
@@ -246,12 +248,12 @@ def _tensors(captioner: Captioner, count: int) -> list[torch.Tensor]:
     return [torch.randn(3, size, size, generator=generator) for _ in range(count)]
 
 
-def test_caption_mixed_matches_one_by_one(captioner: Captioner) -> None:
+def test_per_image_options_match_one_by_one(captioner: Captioner) -> None:
     tensors = _tensors(captioner, 5)
     options = [captioner.options(strategy="greedy"), captioner.options(beam_size=3, num_captions=2),
                captioner.options(strategy="greedy", max_length=3), captioner.options(beam_size=3, num_captions=2),
                captioner.options(beam_size=5, num_captions=5, max_length=6)]
-    mixed = caption_mixed(captioner, tensors, options)
+    mixed = captioner.caption_tensors(torch.stack(tensors), options)
     for tensor, opts, got in zip(tensors, options, mixed, strict=True):
         expected = captioner.caption_tensors(tensor.unsqueeze(0), opts)[0]
         assert [c.text for c in got] == [c.text for c in expected]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Blueprint
 
 from service.routes.captions import bp as captions
-from service.routes.max_compat import bp as max_compat
+from service.routes.max_api import bp as max_api
 from service.routes.ops import bp as ops
 from service.routes.web import bp as web
 
-BLUEPRINTS: tuple[Blueprint, ...] = (captions, max_compat, ops, web)
+BLUEPRINTS: tuple[Blueprint, ...] = (captions, max_api, ops, web)

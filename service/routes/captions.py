@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from service.errors import ApiError
-from service.params import parse_params, read_uploads
+from service.params import read_uploads, request_options
 from service.routes.common import caption_json, elapsed_ms, engine, model_json, prepare, settings
 
 bp = Blueprint("captions", __name__)
@@ -15,17 +15,16 @@ bp = Blueprint("captions", __name__)
 def create_caption() -> Response:
     """Caption one image sent as multipart field ``image`` or as the raw request body."""
     eng = engine()
-    eng.require()
+    captioner = eng.require()
     upload = read_uploads(request, max_files=1)[0]
-    params = parse_params(request)
-    options = eng.options(**params.to_json())
+    options = request_options(request, captioner)
     with eng.expecting(1) as ticket:
         image = prepare(upload.data, ticket)
         result = eng.caption([image], options, ticket)[0]
     return jsonify({
         "captions": [caption_json(c) for c in result.captions],
         "model": model_json(),
-        "options": params.to_json(),
+        "options": options.to_json(),
         "image": {"format": image.format, "width": image.width, "height": image.height},
         "batch_size": result.batch_size,
         "timing_ms": {
@@ -41,11 +40,10 @@ def create_caption() -> Response:
 def create_captions_batch() -> Response:
     """Caption up to ``max_batch_files`` images (repeated multipart field ``image``); a bad image fails alone."""
     eng = engine()
-    eng.require()
+    captioner = eng.require()
     request.max_content_length = settings().max_batch_upload_bytes
     uploads = read_uploads(request, max_files=settings().max_batch_files)
-    params = parse_params(request)
-    options = eng.options(**params.to_json())
+    options = request_options(request, captioner)
     results: list[dict] = []
     prepared = []
     with eng.expecting(len(uploads)) as ticket:
@@ -65,6 +63,6 @@ def create_captions_batch() -> Response:
     return jsonify({
         "results": results,
         "model": model_json(),
-        "options": params.to_json(),
+        "options": options.to_json(),
         "timing_ms": {"total": elapsed_ms()},
     })

@@ -9,10 +9,10 @@ from flask import current_app, g
 from captioner.api import Caption
 from captioner.errors import ImageError
 from service import metrics
-from service.batching import Ticket
 from service.config import Settings
-from service.engine import Engine, PreparedImage
+from service.engine import Engine, TimedImage
 from service.errors import image_error
+from service.microbatch import Ticket
 
 ENGINE_KEY = "captioner_engine"
 
@@ -26,7 +26,7 @@ def settings() -> Settings:
     return engine().settings
 
 
-def prepare(data: bytes, ticket: Ticket | None = None) -> PreparedImage:
+def prepare(data: bytes, ticket: Ticket | None = None) -> TimedImage:
     """Decode an upload in the request thread; bad bytes become 413/415/422 API errors (and are counted)."""
     try:
         prepared = engine().prepare(data)
@@ -41,7 +41,8 @@ def prepare(data: bytes, ticket: Ticket | None = None) -> PreparedImage:
 
 
 def caption_json(caption: Caption) -> dict:
-    return {"text": caption.text, "log_prob": caption.log_prob, "probability": caption.probability}
+    return {"text": caption.text, "log_prob": caption.log_prob, "probability": caption.probability,
+            "score": caption.score}
 
 
 def model_json() -> dict:

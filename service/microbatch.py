@@ -3,8 +3,11 @@
 Request threads preprocess their image (so bad uploads fail before they reach the queue), then
 :meth:`MicroBatcher.submit` a tensor and its :class:`DecodingOptions`. One batching thread takes the oldest waiting
 item, gathers more until the batch is full or the oldest has waited ``max_wait_ms``, and runs them together with
-:func:`caption_mixed`: the encoder runs once on the whole batch, then the decoder once per distinct options group,
-on that group's slice of the feature grid. Each request gets its own captions back through a future.
+:meth:`Captioner.caption_tensors` and one options per image: the encoder runs once on the whole batch, then the
+decoder once per distinct options group, on that group's slice of the feature grid. Each request gets its own
+captions back through a future.
+
+(Not to be confused with :mod:`captioner.batch`, the batch command's engine for folders of files.)
 
 A batch waits only for images it knows are coming: request threads announce their images with
 :meth:`MicroBatcher.expecting` before they preprocess them. So a lone request starts at once (no added latency), a
@@ -18,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ import torch
 from captioner.api import Caption, Captioner
 from captioner.decoding import DecodingOptions
 
-log = logging.getLogger("service.batching")
+log = logging.getLogger("service.microbatch")
 
 
 @dataclass(frozen=True)
@@ -50,27 +53,6 @@ class _Item:
 
 
 BatchObserver = Callable[[int, float], None]  # (batch size, inference seconds)
-
-
-def caption_mixed(
-    captioner: Captioner, tensors: Sequence[torch.Tensor], options: Sequence[DecodingOptions]
-) -> list[list[Caption]]:
-    """Caption images with per-image decoding options: one encoder pass, one decoder pass per options group."""
-    if len(tensors) != len(options):
-        raise ValueError(f"{len(tensors)} images but {len(options)} options")
-    if not tensors:
-        return []
-    groups: dict[DecodingOptions, list[int]] = {}
-    for index, opts in enumerate(options):
-        groups.setdefault(opts, []).append(index)
-    results: list[list[Caption]] = [[] for _ in tensors]
-    with torch.inference_mode():
-        grid = captioner.model.encoder(torch.stack(list(tensors)).to(captioner.device, non_blocking=True))
-        for opts, indices in groups.items():
-            rows = grid if len(indices) == len(tensors) else grid[torch.tensor(indices, device=grid.device)]
-            for index, captions in zip(indices, captioner.caption_grids(rows, opts), strict=True):
-                results[index] = captions
-    return results
 
 
 class Ticket:
@@ -169,7 +151,8 @@ class MicroBatcher:
     def _run_batch(self, batch: list[_Item]) -> None:
         started = time.perf_counter()
         try:
-            captions = caption_mixed(self.captioner, [i.tensor for i in batch], [i.options for i in batch])
+            tensors = torch.stack([item.tensor for item in batch])
+            captions = self.captioner.caption_tensors(tensors, [item.options for item in batch])
         except Exception as exc:  # a model failure fails this batch's requests, never the thread
             log.exception("batch of %d images failed", len(batch))
             for item in batch:

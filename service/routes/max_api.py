@@ -1,7 +1,8 @@
 """IBM MAX Image Caption Generator compatible routes: ``POST /model/predict`` and ``GET /model/metadata``.
 
-Existing MAX clients keep working: ``predict`` takes a multipart ``image`` and answers with the top 3 beam-search
-captions as ``{"status": "ok", "predictions": [{"index": "0", "caption": ..., "probability": ...}, ...]}``.
+Existing MAX clients keep working: ``predict`` takes a multipart ``image`` and answers with its top 3 captions (the
+model's recorded decoding options, as at every door; 3 of its beams, or 1 caption for a greedy model) as
+``{"status": "ok", "predictions": [{"index": "0", "caption": ..., "probability": ...}, ...]}``.
 Errors use the service's error object plus MAX's ``"status": "error"``.
 """
 
@@ -13,10 +14,9 @@ from service.errors import ApiError, error_response
 from service.params import read_uploads
 from service.routes.common import engine, prepare
 
-bp = Blueprint("max_compat", __name__)
+bp = Blueprint("max_api", __name__)
 
-MAX_BEAM_SIZE = 3
-MAX_NUM_CAPTIONS = 3
+MAX_PREDICTIONS = 3
 
 
 @bp.errorhandler(ApiError)
@@ -26,11 +26,11 @@ def _max_error(error: ApiError) -> Response:
 
 @bp.post("/model/predict")
 def predict() -> Response:
-    """The top 3 captions (beam search, beam size 3) of one image."""
+    """The top 3 captions of one image, with the model's recorded decoding options."""
     eng = engine()
     eng.require()
     upload = read_uploads(request, max_files=1)[0]
-    options = eng.options(strategy="beam", beam_size=MAX_BEAM_SIZE, num_captions=MAX_NUM_CAPTIONS, max_length=20)
+    options = eng.options(num_captions=min(MAX_PREDICTIONS, eng.options().width))
     with eng.expecting(1) as ticket:
         result = eng.caption([prepare(upload.data, ticket)], options, ticket)[0]
     predictions = [
