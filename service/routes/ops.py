@@ -30,6 +30,7 @@ def readyz() -> Response:
         "model": {"name": captioner.name, "version": captioner.version},
         "device": str(captioner.device),
         "batching": eng.settings.batching,
+        "options": captioner.options().to_json(),  # the model's recorded decoding options (the web page's start)
     })
 
 

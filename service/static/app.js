@@ -1,9 +1,27 @@
 // The captioning page: pick, drop or paste a photo; it is posted to /v1/captions with the chosen options.
+// The controls start at the model's recorded decoding options (from /readyz), and only the ones the user changes
+// are sent: like every other door, a parameter not given is the model's own default.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const SHOWN_CAPTIONS = 3; // how many of the beams to list unless the user says otherwise (changes no caption)
 let currentFile = null;
 let pending = null;
+const touched = new Set(); // names of the controls the user changed
+
+function showModelOptions(model) {
+  if (!touched.has("strategy")) $(`strategy-${model.strategy}`).checked = true;
+  if (!touched.has("beam_size")) $("beam-size").value = String(model.beam_size);
+  if (!touched.has("max_length")) $("max-length").value = String(model.max_length);
+  const width = model.strategy === "beam" ? model.beam_size : 1;
+  if (!touched.has("num_captions")) $("num-captions").value = String(Math.min(SHOWN_CAPTIONS, width));
+}
+
+const modelReady = fetch("/readyz").then((r) => r.json()).then((data) => {
+  $("model").textContent = data.model ? `Model: ${data.model.name} ${data.model.version}.` : "The model is loading…";
+  if (data.options) showModelOptions(data.options);
+  options();
+}).catch(() => {});
 
 function options() {
   const strategy = document.querySelector('input[name="strategy"]:checked').value;
@@ -14,12 +32,14 @@ function options() {
   $("num-captions").disabled = strategy !== "beam";
   const numCaptions = Math.min(maxCaptions, Math.max(1, parseInt($("num-captions").value, 10) || 1));
   const maxLength = Math.min(50, Math.max(1, parseInt($("max-length").value, 10) || 20));
-  const params = { strategy, max_length: maxLength };
+  const params = {};
+  if (touched.has("strategy")) params.strategy = strategy;
+  if (touched.has("max_length")) params.max_length = maxLength;
   if (strategy === "beam") {
-    params.beam_size = beamSize;
+    if (touched.has("beam_size")) params.beam_size = beamSize;
     params.num_captions = numCaptions;
   }
-  return params;
+  return { strategy, params };
 }
 
 function show(file) {
@@ -43,14 +63,15 @@ function showError(message) {
 
 async function caption() {
   if (!currentFile) return;
-  const params = options();
+  await modelReady;
+  const { strategy, params } = options();
   const body = new FormData();
   body.append("image", currentFile, currentFile.name || "photo");
   const query = new URLSearchParams(params).toString();
   if (pending) pending.abort();
   const controller = new AbortController();
   pending = controller;
-  setStatus(`Captioning with ${params.strategy === "beam" ? "beam search" : "greedy decoding"}…`);
+  setStatus(`Captioning with ${strategy === "beam" ? "beam search" : "greedy decoding"}…`);
   showError("");
   $("captions").replaceChildren();
   $("timing").textContent = "";
@@ -74,8 +95,9 @@ async function caption() {
       $("captions").append(li);
     }
     const image = data.image || {};
+    const used = data.options; // the options actually used: the model's defaults and what was sent
     setStatus(`${image.format || "image"} ${image.width}×${image.height}, ` +
-      `${params.strategy}${params.strategy === "beam" ? ` (beam size ${params.beam_size})` : ""}`);
+      `${used.strategy}${used.strategy === "beam" ? ` (beam size ${used.beam_size})` : ""}`);
     $("timing").textContent = `${data.model.name} ${data.model.version} · ${data.timing_ms.total.toFixed(0)} ms`;
   } catch (err) {
     if (err.name === "AbortError") return;
@@ -103,12 +125,13 @@ function init() {
     const file = [...event.clipboardData.files].find((f) => f.type.startsWith("image/"));
     if (file) show(file);
   });
-  $("options").addEventListener("change", () => { options(); caption(); });
+  $("options").addEventListener("change", (event) => {
+    if (event.target.name) touched.add(event.target.name);
+    options();
+    caption();
+  });
   $("options").addEventListener("submit", (event) => event.preventDefault());
   options();
-  fetch("/readyz").then((r) => r.json()).then((data) => {
-    $("model").textContent = data.model ? `Model: ${data.model.name} ${data.model.version}.` : "The model is loading…";
-  }).catch(() => {});
 }
 
 init();

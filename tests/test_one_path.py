@@ -1,0 +1,253 @@
+"""One path through the code: every door gives the same captions and the same image errors.
+
+The doors are the Python API (``Captioner.caption``), the batch command (the real ``captioner`` console script),
+``POST /v1/captions`` (which the web page posts to), ``POST /v1/captions:batch`` and the MAX route
+``POST /model/predict``. The model records non-default decoding options, so a door that fills in its own defaults
+instead of the model's shows up as a different caption.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+from flask import Flask
+from PIL import Image
+
+from captioner.api import Captioner
+from captioner.checkpoint import save_model
+from captioner.cli import main
+from captioner.decoding import DecodingOptions
+from captioner.errors import ImageError
+from service.app import create_app
+from service.routes.common import ENGINE_KEY
+
+VENV_BIN = Path(sys.executable).parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+# Not DecodingOptions' defaults (beam 3, max length 20, no penalty, no blocking): the shipped model's kind of recipe.
+RECORDED = {"beam_size": 5, "length_penalty": 1.0, "no_repeat_ngram_size": 3, "max_length": 12}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight model that records :data:`RECORDED` as its decoding defaults.
+
+    Its encoder's batch-norm statistics are calibrated on noise so that different photos get different captions
+    (the plain tiny model's random-init features vanish).
+    """
+    model = tiny_model()
+    norms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average: one batch sets the statistics exactly
+        norm.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.encoder.blocks(torch.randn(16, 3, 64, 64))
+    model.encoder.eval()
+    model.decoding = dict(RECORDED)
+    return save_model(model, tmp_path_factory.mktemp("models") / "recorded")
+
+
+@pytest.fixture(scope="module")
+def captioner(model_dir: Path) -> Captioner:
+    return Captioner.load(model_dir, allow_download=False)
+
+
+@pytest.fixture(scope="module")
+def app(model_dir: Path) -> Iterator[Flask]:
+    app = create_app({"model": str(model_dir), "load_in_background": False})
+    yield app
+    app.extensions[ENGINE_KEY].close()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Four random-noise photos, JPEG and PNG, of different sizes."""
+    root = tmp_path_factory.mktemp("photos")
+    paths = []
+    for seed, (fmt, size) in enumerate([("JPEG", (80, 60)), ("PNG", (64, 64)), ("JPEG", (50, 90)), ("PNG", (120, 40))]):
+        pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        path = root / f"photo{seed}.{fmt.lower()}"
+        Image.fromarray(pixels).save(path, format=fmt)
+        paths.append(path)
+    return paths
+
+
+def _cli_captions(model_dir: Path, photos: list[Path], out: Path, *flags: str) -> list[str]:
+    """The best captions from the real console script (a subprocess, JSON lines output), in input order."""
+    proc = subprocess.run(
+        [VENV_BIN / "captioner", "caption", *map(str, photos), "--model", str(model_dir), "--out", str(out),
+         "--workers", "0", "--quiet", *flags],
+        capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = {r["image"]: r for r in map(json.loads, out.read_text().splitlines())}
+    return [records[str(p)]["caption"] for p in photos]
+
+
+def _http_captions(app: Flask, photos: list[Path], query: str = "") -> list[dict]:
+    client = app.test_client()
+    bodies = []
+    for path in photos:
+        response = client.post(f"/v1/captions{query}", data={"image": (io.BytesIO(path.read_bytes()), path.name)})
+        assert response.status_code == 200, response.json
+        bodies.append(response.json)
+    return bodies
+
+
+def test_every_door_uses_the_models_recorded_options(
+    captioner: Captioner, app: Flask, model_dir: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    api = [captions[0].text for captions in captioner.caption(photos)]
+    # The test can tell doors apart: the recorded options give other captions than plain beam 3 (the old HTTP
+    # defaults) and than greedy, and the photos get different captions.
+    plain = [c[0].text for c in captioner.caption(photos, beam_size=3, max_length=20, length_penalty=0,
+                                                  no_repeat_ngram_size=0)]
+    assert api != plain and api != [c[0].text for c in captioner.caption(photos, strategy="greedy")]
+    assert len(set(api)) > 1
+
+    assert _cli_captions(model_dir, photos, tmp_path / "out.jsonl") == api
+
+    bodies = _http_captions(app, photos)
+    assert [body["captions"][0]["text"] for body in bodies] == api
+    used = captioner.options()
+    assert used == DecodingOptions(**RECORDED)
+    expected_options = {"strategy": "beam", "beam_size": 5, "max_length": 12, "num_captions": 1,
+                        "length_penalty": 1.0, "no_repeat_ngram_size": 3}
+    assert all(body["options"] == expected_options for body in bodies)
+
+    client = app.test_client()
+    files = [(io.BytesIO(p.read_bytes()), p.name) for p in photos]
+    batch = client.post("/v1/captions:batch", data={"image": files}).json
+    assert [r["captions"][0]["text"] for r in batch["results"]] == api and batch["options"] == expected_options
+
+    for path, text in zip(photos, api, strict=True):
+        body = client.post("/model/predict", data={"image": (io.BytesIO(path.read_bytes()), path.name)}).json
+        assert body["status"] == "ok" and body["predictions"][0]["caption"] == text
+
+
+@pytest.mark.parametrize(
+    ("options", "flags", "query"),
+    [
+        ({"strategy": "greedy"}, ["--strategy", "greedy"], "?strategy=greedy"),
+        ({"beam_size": 2}, ["--beam-size", "2"], "?beam_size=2"),
+        ({"beam_size": 4, "length_penalty": 0.0, "no_repeat_ngram_size": 2, "max_length": 9, "num_captions": 2},
+         ["--beam-size", "4", "--length-penalty", "0", "--no-repeat-ngram-size", "2", "--max-length", "9",
+          "--num-captions", "2"],
+         "?beam_size=4&length_penalty=0&no_repeat_ngram_size=2&max_length=9&num_captions=2"),
+    ],
+    ids=["greedy", "beam2", "every-option"],
+)
+def test_explicit_options_give_the_same_captions_everywhere(
+    captioner: Captioner, app: Flask, model_dir: Path, photos: list[Path], tmp_path: Path,
+    options: dict, flags: list[str], query: str,
+) -> None:
+    api = captioner.caption(photos, **options)
+    assert [c[0].text for c in api] != [c[0].text for c in captioner.caption(photos)]  # the options matter
+    assert _cli_captions(model_dir, photos, tmp_path / "out.jsonl", *flags) == [c[0].text for c in api]
+    bodies = _http_captions(app, photos, query)
+    for body, captions in zip(bodies, api, strict=True):
+        assert [c["text"] for c in body["captions"]] == [c.text for c in captions]
+        assert [c["score"] for c in body["captions"]] == pytest.approx([c.score for c in captions], abs=1e-5)
+        assert body["options"] == captioner.options(**options).to_json()
+
+
+def test_the_web_page_sends_only_the_options_the_user_set(
+    captioner: Captioner, app: Flask, photos: list[Path]
+) -> None:
+    """The page (service/static/app.js) in headless Chromium: it posts to /v1/captions with no decoding parameter
+    but how many of the beams to list until the user changes a control, and shows the API's captions."""
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    queries: list[tuple[str, dict[str, list[str]]]] = []
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.on("request", lambda r: "/v1/" in r.url and queries.append(
+                (urlsplit(r.url).path, parse_qs(urlsplit(r.url).query))))
+            page.goto(f"http://127.0.0.1:{server.server_port}/")
+            sync_api.expect(page.locator("#beam-size")).to_have_value("5")  # the model's recorded beam
+            page.set_input_files("#file", str(photos[0]))
+            sync_api.expect(page.locator("#status")).to_contain_text("beam size 5", timeout=30_000)
+            shown = page.locator("#captions li .text").all_inner_texts()
+            assert queries == [("/v1/captions", {"num_captions": ["3"]})]  # the route pinned above
+            assert shown == [c.text for c in captioner.caption(photos[0], num_captions=3)[0]]
+
+            page.fill("#beam-size", "2")
+            page.locator("#beam-size").dispatch_event("change")
+            sync_api.expect(page.locator("#status")).to_contain_text("beam size 2", timeout=30_000)
+            assert queries[-1] == ("/v1/captions", {"beam_size": ["2"], "num_captions": ["2"]})
+            shown = page.locator("#captions li .text").all_inner_texts()
+            assert shown == [c.text for c in captioner.caption(photos[0], beam_size=2, num_captions=2)[0]]
+            browser.close()
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+# -- the same damaged files get the same error code from every door ---------------------------------------------
+
+
+def _damaged() -> dict[str, tuple[bytes, str]]:
+    """name -> (bytes, the error code every door must report)."""
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(jpeg, "JPEG")
+    Image.fromarray(pixels).save(png, "PNG")
+    return {
+        "truncated.jpg": (jpeg.getvalue()[: len(jpeg.getvalue()) // 2], "corrupt_image"),
+        "header-only.jpg": (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "corrupt_image"),
+        "truncated.png": (png.getvalue()[: len(png.getvalue()) // 2], "corrupt_image"),
+        "signature-only.png": (png.getvalue()[:20], "corrupt_image"),
+        "zero.png": (b"", "not_an_image"),
+        "notes.jpg": (b"just some text, not a photo\n", "not_an_image"),
+        "page.png": (b"<!doctype html><html><body>not an image</body></html>", "not_an_image"),
+    }
+
+
+def test_damaged_files_get_the_same_error_code_from_every_door(
+    captioner: Captioner, app: Flask, model_dir: Path, tmp_path: Path
+) -> None:
+    damaged = _damaged()
+    paths = []
+    for name, (data, _) in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(tmp_path / name)
+
+    out = tmp_path / "out.jsonl"
+    assert main(["caption", *map(str, paths), "--model", str(model_dir), "--out", str(out), "--workers", "0",
+                 "--quiet"]) == 1
+    records = {Path(r["image"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+
+    client = app.test_client()
+    for name, (data, code) in damaged.items():
+        for source in (tmp_path / name, data):  # a path and the bytes
+            with pytest.raises(ImageError) as caught:
+                captioner.caption(source)
+            assert caught.value.code == code, (name, source)
+        assert records[name]["error"].split(":")[0] == code, records[name]
+        response = client.post("/v1/captions", data={"image": (io.BytesIO(data), name)})
+        assert response.json["error"]["code"] == code, (name, response.json)
+        response = client.post("/v1/captions", data=data, content_type="application/octet-stream")
+        if data:  # an empty raw body is "no image" (missing_image), as the README says
+            assert response.json["error"]["code"] == code, (name, response.json)
