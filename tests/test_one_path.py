@@ -8,6 +8,7 @@ instead of the model's shows up as a different caption.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -26,9 +27,10 @@ from flask import Flask
 from PIL import Image
 
 from captioner.api import Captioner
+from captioner.caption_command import add_decoding_arguments
 from captioner.checkpoint import save_model
 from captioner.cli import main
-from captioner.decoding import DecodingOptions
+from captioner.decoding import OPTION_SPECS, DecodingOptions, parse_option
 from captioner.errors import ImageError
 from service.app import create_app
 from service.routes.common import ENGINE_KEY
@@ -251,3 +253,69 @@ def test_damaged_files_get_the_same_error_code_from_every_door(
         response = client.post("/v1/captions", data=data, content_type="application/octet-stream")
         if data:  # an empty raw body is "no image" (missing_image), as the README says
             assert response.json["error"]["code"] == code, (name, response.json)
+
+
+# -- one parser and one list of options for every door ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "value"),
+    [
+        ("beam_size", "3", 3), ("beam_size", " 3 ", 3), ("beam_size", "10", 10), ("beam_size", "", None),
+        ("beam_size", "1_0", ValueError), ("beam_size", "\u0661\u0660", ValueError), ("beam_size", "+3", ValueError),
+        ("beam_size", "-1", ValueError), ("beam_size", "3.0", ValueError), ("beam_size", "11", ValueError),
+        ("beam_size", "\uff13", ValueError), ("max_length", "50", 50), ("max_length", "0", ValueError),
+        ("length_penalty", "0.5", 0.5), ("length_penalty", "1", 1.0), ("length_penalty", ".5", 0.5),
+        ("length_penalty", "1e0", ValueError), ("length_penalty", "nan", ValueError),
+        ("length_penalty", "inf", ValueError), ("length_penalty", "2.5", ValueError),
+        ("length_penalty", "\u0661", ValueError), ("no_repeat_ngram_size", "0", 0),
+        ("strategy", " Greedy ", "greedy"), ("strategy", "sample", ValueError), ("beams", "3", ValueError),
+    ],
+)
+def test_one_strict_parser(name: str, text: str, value: object) -> None:
+    """ASCII digits only: Python's int() would take 1_0, +3 and Arabic-Indic or full-width digits."""
+    if value is ValueError:
+        with pytest.raises(ValueError, match=name):
+            parse_option(name, text)
+    else:
+        assert parse_option(name, text) == value
+
+
+@pytest.mark.parametrize("text", ["1_0", "\u0661\u0660", "+3", "3.0", "0", "11"])
+def test_http_and_cli_refuse_the_same_numbers(app: Flask, model_dir: Path, photos: list[Path], text: str,
+                                              capsys: pytest.CaptureFixture) -> None:
+    response = app.test_client().post("/v1/captions", query_string={"beam_size": text},
+                                      data={"image": (io.BytesIO(photos[0].read_bytes()), "a.jpg")})
+    assert response.status_code == 400 and response.json["error"]["code"] == "invalid_parameter"
+    assert "beam_size" in response.json["error"]["message"]
+    with pytest.raises(SystemExit) as exited:
+        main(["caption", str(photos[0]), "--model", str(model_dir), "--beam-size", text])
+    assert exited.value.code == 2 and "beam_size must be a whole number from 1 to 10" in capsys.readouterr().err
+
+
+def test_http_and_cli_accept_the_same_spellings(app: Flask, captioner: Captioner, photos: list[Path]) -> None:
+    expected = captioner.caption(photos[0], beam_size=2)[0][0].text
+    for text in ("2", " 2", "2 ", "02"):
+        response = app.test_client().post("/v1/captions", query_string={"beam_size": text},
+                                          data={"image": (io.BytesIO(photos[0].read_bytes()), "a.jpg")})
+        assert response.json["captions"][0]["text"] == expected and response.json["options"]["beam_size"] == 2
+
+
+def test_cli_flags_and_openapi_read_the_one_list_of_options(app: Flask) -> None:
+    parser = argparse.ArgumentParser()
+    add_decoding_arguments(parser)
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert list(flags) == [spec.name for spec in OPTION_SPECS]
+    spec_doc = app.test_client().get("/openapi.json").json
+    parameters = {p["name"]: p for p in spec_doc["paths"]["/v1/captions"]["post"]["parameters"]}
+    assert list(parameters) == [spec.name for spec in OPTION_SPECS]
+    for spec in OPTION_SPECS:
+        assert flags[spec.name].option_strings == [spec.flag] and flags[spec.name].default is None
+        assert spec.help in flags[spec.name].help and spec.help in parameters[spec.name]["description"]
+        schema = parameters[spec.name]["schema"]
+        if spec.choices:
+            assert tuple(flags[spec.name].choices) == spec.choices and tuple(schema["enum"]) == spec.choices
+        else:
+            assert (schema["minimum"], schema["maximum"]) == (spec.low, spec.high)
+            assert "default" not in schema  # not given = the model's recorded value, whatever the model
+    assert set(spec_doc["components"]["schemas"]["Options"]["properties"]) == {s.name for s in OPTION_SPECS}
