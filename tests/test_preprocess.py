@@ -13,7 +13,15 @@ import torch
 from PIL import Image
 
 from captioner.errors import CorruptImageError, ImageError, ImageTooLargeError, NotAnImageError
-from captioner.preprocess import PreprocessConfig, load_image, open_image, preprocess, to_tensor
+from captioner.preprocess import (
+    PreprocessConfig,
+    load_image,
+    open_image,
+    prepare_image,
+    preprocess,
+    read_image,
+    to_tensor,
+)
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 SMALL = PreprocessConfig(size=32)
@@ -306,3 +314,30 @@ def test_open_image_is_lazy() -> None:
     image = open_image(encode(noise(64, 64), "PNG"))
     assert image.size == (64, 64)
     assert image.tile  # header only: Pillow clears the tile list once the pixels are decoded
+
+
+def test_prepare_image_reports_format_and_upright_size(tmp_path: Path) -> None:
+    """What the service reports comes from the library's one image path: the format judged from the bytes and
+    the upright size (EXIF orientations 5-8 swap width and height), whatever the decoded (draft) size."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(noise(640, 320), "JPEG", exif=exif.tobytes())
+    prepared = prepare_image(data, SMALL)
+    assert (prepared.format, prepared.width, prepared.height) == ("JPEG", 320, 640)
+    assert torch.equal(prepared.tensor, preprocess(data, SMALL)) and prepared.tensor.shape == (3, 32, 32)
+    decoded = read_image(data, SMALL)
+    assert decoded.image.size[0] < decoded.image.size[1] < 640  # upright, decoded at a reduced draft size
+    (tmp_path / "photo.bin").write_bytes(encode(noise(30, 20), "PNG"))
+    assert (read_image(tmp_path / "photo.bin").format, read_image(Image.new("RGB", (3, 2))).format) == ("PNG", None)
+
+
+@pytest.mark.parametrize("signature", [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"II*\x00"])
+def test_a_known_signature_that_pillow_cannot_open_is_corrupt_not_a_non_image(signature: bytes, tmp_path: Path) -> None:
+    data = signature + b"\x00" * 8
+    with pytest.raises(CorruptImageError, match="corrupt_image: .* data is truncated or corrupt"):
+        read_image(data)
+    (tmp_path / "x").write_bytes(data)
+    with pytest.raises(CorruptImageError):
+        read_image(tmp_path / "x")
+    with pytest.raises(NotAnImageError, match="^not_an_image: "):
+        read_image(b"<html>" + data)
