@@ -1,4 +1,9 @@
-"""Greedy and beam-search decoding, batched over images.
+"""Decoding options and greedy and beam-search decoding, batched over images.
+
+:class:`DecodingOptions` is the one options type of every door, :data:`OPTION_SPECS` the options a user may set
+(with their ranges and help, read by the CLI flags, the HTTP parameters and the OpenAPI document) and
+:func:`parse_option` the one parser of a user's text. :func:`decode` is the one batched decoding function: the
+Python API, the batch command, the service and training's validation all end in it.
 
 Many images times K beams run as one tensor batch: every step is one call to ``CaptionDecoder.step`` on
 ``batch * beam_size`` rows (the attention memory stays one row per image, shared by its beams), and beams are

@@ -40,6 +40,22 @@ def tiny_model(conditioning: str = "attention", cell: str = "lstm", num_layers: 
     return CaptionModel(encoder.eval(), decoder.eval(), vocab, PreprocessConfig(size=64), name="tiny", version="test")
 
 
+def varied_tiny_model() -> CaptionModel:
+    """The tiny model with its encoder's batch-norm statistics calibrated on noise, so that (unlike the plain tiny
+    model, whose random-init features vanish) different images get different captions."""
+    model = tiny_model()
+    norms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average: one batch sets the statistics exactly
+        norm.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.encoder.blocks(torch.randn(16, 3, 64, 64))
+    model.encoder.eval()
+    return model
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> Iterator[None]:
     """Tests use tiny tensors: one thread is faster, and does not fight other processes on a 2-core machine."""

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import tiny_model
+from conftest import varied_tiny_model
 from PIL import Image
 
 from captioner.api import Captioner
@@ -67,18 +66,8 @@ NESTED = ["nested/d.png", "nested/deeper/e.bmp"]
 
 @pytest.fixture(scope="module")
 def varied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with its encoder's batch-norm statistics calibrated on noise, so that (unlike the plain tiny
-    model, whose random-init features vanish) different images get different captions."""
-    model = tiny_model()
-    norms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average: one batch sets the statistics exactly
-        norm.train()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.encoder.blocks(torch.randn(16, 3, 64, 64))
-    model.encoder.eval()
+    """The tiny model with its encoder calibrated so that different images get different captions."""
+    model = varied_tiny_model()
     return save_model(model, tmp_path_factory.mktemp("models") / "varied")
 
 

@@ -21,8 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
-import torch
-from conftest import tiny_model
+from conftest import varied_tiny_model
 from flask import Flask
 from PIL import Image
 
@@ -46,19 +45,9 @@ RECORDED = {"beam_size": 5, "length_penalty": 1.0, "no_repeat_ngram_size": 3, "m
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight model that records :data:`RECORDED` as its decoding defaults.
 
-    Its encoder's batch-norm statistics are calibrated on noise so that different photos get different captions
-    (the plain tiny model's random-init features vanish).
+    Its encoder is calibrated so that different photos get different captions (see ``varied_tiny_model``).
     """
-    model = tiny_model()
-    norms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average: one batch sets the statistics exactly
-        norm.train()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.encoder.blocks(torch.randn(16, 3, 64, 64))
-    model.encoder.eval()
+    model = varied_tiny_model()
     model.decoding = dict(RECORDED)
     return save_model(model, tmp_path_factory.mktemp("models") / "recorded")
 
