@@ -308,3 +308,18 @@ def test_cli_flags_and_openapi_read_the_one_list_of_options(app: Flask) -> None:
             assert (schema["minimum"], schema["maximum"]) == (spec.low, spec.high)
             assert "default" not in schema  # not given = the model's recorded value, whatever the model
     assert set(spec_doc["components"]["schemas"]["Options"]["properties"]) == {s.name for s in OPTION_SPECS}
+
+
+def test_max_route_lists_up_to_three_of_the_models_own_captions(tmp_path: Path, photos: list[Path]) -> None:
+    """/model/predict keeps MAX's shape (top 3) but decodes with the model's options: a greedy model gives one."""
+    model = varied_tiny_model()
+    model.decoding = {"strategy": "greedy", "max_length": 7}
+    greedy_dir = save_model(model, tmp_path / "greedy")
+    app = create_app({"model": str(greedy_dir), "load_in_background": False, "batching": False})
+    try:
+        data = photos[1].read_bytes()
+        body = app.test_client().post("/model/predict", data={"image": (io.BytesIO(data), "a.png")}).json
+        expected = Captioner.load(greedy_dir, allow_download=False).caption(data)[0]
+        assert [p["caption"] for p in body["predictions"]] == [c.text for c in expected] and len(expected) == 1
+    finally:
+        app.extensions[ENGINE_KEY].close()
