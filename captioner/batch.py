@@ -100,17 +100,31 @@ def read_path_list(file: str | Path, stdin: TextIO | None = None) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+def image_key(path: str) -> str:
+    """The file a path names, whatever its spelling: absolute, with symbolic links and ``..`` resolved.
+
+    ``photos/a.jpg``, ``/home/me/photos/a.jpg`` and ``link-to-photos/a.jpg`` have one key, so they are one image
+    for de-duplication and for ``--resume``. A relative path is resolved against the current directory.
+    """
+    return os.path.realpath(path)
+
+
 def discover_images(paths: Iterable[str], recursive: bool = False, list_files: Iterable[str | Path] = ()) -> list[str]:
     """Every image path the arguments and list files stand for: normalised, de-duplicated, in sorted order.
 
-    The order (plain string order of the normalised paths) is the same on every machine that sees the same files,
-    which ``--resume`` and ``--shard`` rely on.
+    Paths keep their spelling (``os.path.normpath`` of what was given: relative stays relative), which is what
+    records store; spellings of one file (:func:`image_key`) collapse to the first in sorted order. The order (plain
+    string order of the normalised paths) is the same on every machine that sees the same files, which ``--resume``
+    and ``--shard`` rely on.
     """
     args = list(paths)
     for file in list_files:
         args.extend(read_path_list(file))
-    found = {os.path.normpath(p) for arg in args for p in expand_path(arg, recursive)}
-    return sorted(found)
+    found = sorted({os.path.normpath(p) for arg in args for p in expand_path(arg, recursive)})
+    by_file: dict[str, str] = {}
+    for path in found:
+        by_file.setdefault(image_key(path), path)
+    return sorted(by_file.values())
 
 
 @dataclass(frozen=True)
@@ -570,11 +584,34 @@ def repair_partial_line(path: str | Path) -> int:
 
 @dataclass
 class Completed:
-    """The images an existing output file already has a record for."""
+    """The images an existing output file already has a record for, by :func:`image_key`."""
 
     images: set[str] = field(default_factory=set)
     failed: int = 0  # how many of those records are errors
     repaired_bytes: int = 0  # bytes of a cut-off last line that were removed
+    path: Path | None = field(default=None, compare=False)  # the output file they were read from
+    example: str = field(default="", compare=False)  # one record's image field as written, for error messages
+
+    def add(self, image: str, failed: bool) -> None:
+        """Count one record of the output file."""
+        self.images.add(image_key(image))
+        self.failed += failed
+        self.example = self.example or image
+
+    def remaining(self, paths: Sequence[str]) -> list[str]:
+        """The paths that have no record yet, in order.
+
+        Raises :class:`BatchOutputError` when the file has records but none of them is one of ``paths``: appending
+        would repeat every image (another folder, or relative paths written from another directory).
+        """
+        todo = [p for p in paths if image_key(p) not in self.images]
+        if self.images and paths and len(todo) == len(paths):
+            raise BatchOutputError(
+                f"none of the {len(self.images)} images in {self.path} is one of the {len(paths)} inputs (it has "
+                f"e.g. {self.example!r}; relative paths are resolved against the current directory); refusing to "
+                "append: run from the first run's directory or with its PATHs, or write to a new --out"
+            )
+        return todo
 
 
 def read_completed(path: str | Path, fmt: str, num_captions: int = 1) -> Completed:
@@ -586,7 +623,7 @@ def read_completed(path: str | Path, fmt: str, num_captions: int = 1) -> Complet
     path = Path(path)
     if fmt not in ("jsonl", "csv"):
         raise BatchOutputError(f"--resume is not supported for --format {fmt}")
-    done = Completed()
+    done = Completed(path=path)
     if not path.exists():
         return done
     done.repaired_bytes = repair_partial_line(path)
@@ -598,10 +635,11 @@ def read_completed(path: str | Path, fmt: str, num_captions: int = 1) -> Complet
                 try:
                     record = json.loads(line)
                     image = record["image"]
+                    if not isinstance(image, str):
+                        raise TypeError(f"image must be a string, got {image!r}")
                 except (json.JSONDecodeError, TypeError, KeyError) as exc:
                     raise BatchOutputError(f"{path}:{number} is not a captioner record ({exc}); cannot resume") from exc
-                done.images.add(image)
-                done.failed += "error" in record
+                done.add(image, "error" in record)
         else:
             reader = csv.reader(f)
             header = next(reader, None)
@@ -615,6 +653,5 @@ def read_completed(path: str | Path, fmt: str, num_captions: int = 1) -> Complet
             for row in reader:
                 if len(row) != len(header):
                     raise BatchOutputError(f"{path}:{reader.line_num} has {len(row)} fields, expected {len(header)}")
-                done.images.add(row[0])
-                done.failed += bool(row[-1])
+                done.add(row[0], bool(row[-1]))
     return done

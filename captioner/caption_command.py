@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         if shard is not None:
             paths = shard.select(paths)
         completed = read_completed(out, fmt, args.num_captions or 1) if args.resume else Completed()
-        todo = [p for p in paths if p not in completed.images] if completed.images else paths
+        todo = completed.remaining(paths)
         captioner = Captioner.load(args.model, device=device)
         options = captioner.options(
             strategy=args.strategy, beam_size=args.beam_size, max_length=args.max_length,
