@@ -27,6 +27,7 @@ class Caption:
     text: str
     tokens: list[str]
     log_prob: float
+    score: float
 
     @property
     def probability(self) -> float:
@@ -116,6 +117,9 @@ class Captioner:
         """Caption encoder feature grids (B, C, h, w), e.g. from the training features cache."""
         results = decode(self.model.decoder, grid.to(self.device).float(), self.vocab, options)
         return [
-            [Caption(self.vocab.decode(h.tokens), [self.vocab.words[t] for t in h.tokens], h.log_prob) for h in hyps]
+            [
+                Caption(self.vocab.decode(h.tokens), [self.vocab.words[t] for t in h.tokens], h.log_prob, h.score)
+                for h in hyps
+            ]
             for hyps in results
         ]

@@ -170,7 +170,7 @@ def test_mixed_folder_gives_one_record_per_input_and_error_records(
         if name in BROKEN:
             assert set(record) == {"image", "error"} and record["error"]
         else:
-            assert set(record) == {"image", "caption", "log_prob"} and record["caption"]
+            assert set(record) == {"image", "caption", "log_prob", "score"} and record["caption"]
     assert status == 1
     assert "captioned 6 images, 3 failed" in capsys.readouterr().err
 
@@ -206,8 +206,10 @@ def test_same_captions_as_the_python_api(mixed: Path, varied_model_dir: Path, tm
             record = records[str(path)]
             assert record["caption"] == captions[0].text
             assert record["log_prob"] == pytest.approx(captions[0].log_prob, abs=2e-3)
+            assert record["score"] == pytest.approx(captions[0].score, abs=2e-3)
             if num > 1:
                 assert [c["caption"] for c in record["captions"]] == [c.text for c in captions]
+                assert [c["score"] for c in record["captions"]] == pytest.approx([c.score for c in captions], abs=2e-3)
 
 
 def test_every_format_parses(mixed: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -215,10 +217,11 @@ def test_every_format_parses(mixed: Path, tiny_model_dir: Path, tmp_path: Path) 
     assert _caption(*common, "--out", tmp_path / "c.csv", "--num-captions", "2") == 1  # format from the extension
     with open(tmp_path / "c.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["image", "caption", "log_prob", "caption_2", "log_prob_2", "error"]
+    assert list(rows[0]) == ["image", "caption", "log_prob", "score", "caption_2", "log_prob_2", "score_2", "error"]
     assert _names(rows, mixed) == TOP_LEVEL
     assert all(bool(r["error"]) == (Path(r["image"]).name in BROKEN) for r in rows)
     assert all(float(r["log_prob"]) >= float(r["log_prob_2"]) for r in rows if not r["error"])
+    assert all(float(r["score"]) >= float(r["score_2"]) for r in rows if not r["error"])  # ranked by score
 
     assert _caption(*common, "--out", tmp_path / "coco.json") == 1
     results = json.loads((tmp_path / "coco.json").read_text())
@@ -424,3 +427,22 @@ def test_spellings_of_one_file_are_one_image(spelled: Path) -> None:
     spellings = ["photos/a.jpg", str(spelled / "photos" / "a.jpg"), "link/photos/a.jpg", "photos/../photos/a.jpg"]
     assert discover_images(spellings) == [str(spelled / "photos" / "a.jpg")]  # the first in sorted order
     assert len(discover_images(["photos", "link/photos", str(spelled / "photos")])) == 5
+
+
+def test_csv_written_before_the_score_column_resumes_in_its_own_layout(
+    mixed: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "old.csv"
+    args = [mixed, "--model", tiny_model_dir, "--workers", "0", "--out", out, "-q"]
+    assert _caption(*args) == 1
+    with open(out, newline="") as f:
+        rows = list(csv.reader(f))
+    # The layout of earlier versions (no score), with the first two images done.
+    old = [[v for c, v in zip(rows[0], row, strict=True) if c != "score"] for row in rows[:3]]
+    with open(out, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(old)
+    assert _caption(*args, "--resume") == 1
+    with open(out, newline="") as f:
+        resumed = list(csv.reader(f))
+    assert resumed[0] == ["image", "caption", "log_prob", "error"] and all(len(r) == 4 for r in resumed)
+    assert [r[0] for r in resumed[1:]] == [r[0] for r in rows[1:]]

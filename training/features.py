@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from captioner.atomic import atomic_write_text
-from captioner.batch import make_loader
 from captioner.encoder import Encoder
+from captioner.image_loader import make_loader
 from captioner.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
