@@ -284,10 +284,10 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     right.set(xlabel="epoch", ylabel="score x100", title="validation")
     right.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=80)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, image.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------------

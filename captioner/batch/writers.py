@@ -12,13 +12,12 @@ import io
 import json
 import os
 import sys
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from captioner.atomic import _fsync_dir
+from captioner.atomic import AtomicFile
 from captioner.batch.records import Record
 from captioner.errors import CaptionerError
 
@@ -60,11 +59,6 @@ class _Sink:
         self.file.write(text.encode("utf-8", "surrogateescape"))  # one write per batch
         self.file.flush()
         if self.durable:
-            os.fsync(self.file.fileno())
-
-    def sync(self) -> None:
-        if self.file is not None:
-            self.file.flush()
             os.fsync(self.file.fileno())
 
     def close(self) -> None:
@@ -155,16 +149,8 @@ class CocoWriter(RecordWriter):
     """
 
     def __init__(self, path: Path | None = None, stream: TextIO | None = None) -> None:
-        self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            self.tmp: Path | None = Path(tmp)
-            self.sink = _Sink(self.tmp, durable=False)
-        else:
-            self.tmp = None
-            self.sink = _Sink(stream=stream or sys.stdout)
+        self.file = AtomicFile(path) if path is not None else None
+        self.sink = _Sink(self.file.tmp, durable=False) if self.file is not None else _Sink(stream=stream or sys.stdout)
         self.count = 0
         self.sink.write("[")
 
@@ -181,16 +167,14 @@ class CocoWriter(RecordWriter):
 
     def close(self) -> None:
         self.sink.write("\n]\n" if self.count else "]\n")
-        self.sink.sync()
         self.sink.close()
-        if self.path is not None and self.tmp is not None:
-            os.replace(self.tmp, self.path)
-            _fsync_dir(self.path.parent)
+        if self.file is not None:
+            self.file.commit()
 
     def abort(self) -> None:
         self.sink.close()
-        if self.tmp is not None:
-            self.tmp.unlink(missing_ok=True)
+        if self.file is not None:
+            self.file.discard()
 
 
 def infer_format(out: str | Path | None) -> str:
