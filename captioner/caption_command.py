@@ -34,6 +34,7 @@ from captioner.batch import (
     read_completed,
     run_batch,
 )
+from captioner.distributed import Launch
 from captioner.errors import CaptionerError
 
 EXIT_FAILED_IMAGES = 1
@@ -119,7 +120,7 @@ def resolve_device(name: str, env: dict[str, str] | None = None) -> torch.device
         if not torch.cuda.is_available():
             raise ValueError("--device cuda, but CUDA is not available")
         if device.index is None and "LOCAL_RANK" in env:
-            device = torch.device("cuda", int(env["LOCAL_RANK"]))
+            device = torch.device("cuda", Launch.from_env(env).local_rank)
     return device
 
 
@@ -142,9 +143,6 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.format or infer_format(out)
     if args.resume and out is None:
         return _error("--resume needs --out")
-    if args.resume and fmt == "coco":
-        return _error("--resume is not supported for --format coco (a COCO results file is written whole at the "
-                      "end); use jsonl with --resume, then convert")
     try:
         device = resolve_device(args.device)
         paths = discover_images(args.paths, args.recursive, args.from_list)

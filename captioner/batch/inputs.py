@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from captioner.distributed import Launch
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 _GLOB_CHARS = re.compile(r"[*?[]")
 
@@ -120,11 +122,8 @@ class Shard:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Shard | None:
         """The torchrun shard (``RANK``/``WORLD_SIZE``), or None when not running under a multi-process launcher."""
-        env = os.environ if env is None else env
-        world = int(env.get("WORLD_SIZE", "1") or 1)
-        if world <= 1:
-            return None
-        return cls(int(env.get("RANK", "0") or 0), world)
+        launch = Launch.from_env(env)
+        return cls(launch.rank, launch.world) if launch.world > 1 else None
 
     def contains(self, path: str) -> bool:
         """Whether ``path`` belongs to this shard."""

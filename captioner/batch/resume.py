@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from captioner.batch.inputs import image_key
-from captioner.batch.writers import BatchOutputError, csv_columns
+from captioner.batch.writers import BatchOutputError, check_resumable, csv_columns
 
 
 def repair_partial_line(path: str | Path) -> int:
@@ -78,8 +78,7 @@ def read_completed(path: str | Path, fmt: str, num_captions: int = 1) -> Complet
     from the one this run would write (e.g. another ``--num-captions``).
     """
     path = Path(path)
-    if fmt not in ("jsonl", "csv"):
-        raise BatchOutputError(f"--resume is not supported for --format {fmt}")
+    check_resumable(fmt)
     done = Completed(path=path)
     if not path.exists():
         return done

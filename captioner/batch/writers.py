@@ -22,10 +22,18 @@ from captioner.batch.records import Record
 from captioner.errors import CaptionerError
 
 FORMATS = ("jsonl", "csv", "coco")
+RESUMABLE_FORMATS = ("jsonl", "csv")
 
 
 class BatchOutputError(CaptionerError):
     """An output file cannot be resumed: it is damaged or was written with other settings."""
+
+
+def check_resumable(fmt: str) -> None:
+    """Raise :class:`BatchOutputError` unless ``--resume`` can append to files of format ``fmt``."""
+    if fmt not in RESUMABLE_FORMATS:
+        raise BatchOutputError(f"--resume is not supported for --format {fmt}: a COCO results file is one JSON array, "
+                               "written whole at the end; caption to jsonl with --resume, then convert")
 
 
 def coco_image_id(path: str) -> int | str:
@@ -190,10 +198,9 @@ def open_writer(
     (default stdout) when ``out`` is None."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (expected one of {FORMATS})")
+    if append:
+        check_resumable(fmt)
     if fmt == "coco":
-        if append:
-            raise BatchOutputError("--resume is not supported for --format coco: a COCO results file is one JSON "
-                                   "array, written at the end; caption to jsonl with --resume and convert instead")
         return CocoWriter(out, stream)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
