@@ -39,10 +39,10 @@ from tqdm import tqdm
 
 from captioner.atomic import atomic_write_bytes, atomic_write_text
 from captioner.checkpoint import CaptionModel, load_model, read_config, save_model
-from captioner.decoding import DecodingOptions, decode
+from captioner.decoding import decode
 from captioner.distributed import Launch, average_gradients, barrier, broadcast_from_main, init_distributed
 from captioner.encoder import build_encoder, get_backbone
-from captioner.model import CaptionDecoder, DecoderConfig, masked_cross_entropy
+from captioner.model import CaptionDecoder, masked_cross_entropy
 from captioner.preprocess import PreprocessConfig, preprocess
 from captioner.vocabulary import Vocabulary
 from training.config import Config
@@ -54,6 +54,8 @@ from training.scst import check_baseline as check_scst_baseline
 
 log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
+# The decoding options a trained model records as its defaults (config.json "decoding").
+RECORDED_DECODING = ("strategy", "beam_size", "max_length", "length_penalty", "no_repeat_ngram_size")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,13 +202,6 @@ def validate(
 ) -> tuple[dict[str, float], dict[int, str]]:
     """Caption the validation images with real decoding; returns pycocoevalcap scores and the predictions."""
     e = config.eval
-    options = DecodingOptions(
-        strategy=e.strategy,
-        beam_size=e.beam_size,
-        max_length=e.max_length,
-        length_penalty=e.length_penalty,
-        no_repeat_ngram_size=e.no_repeat_ngram_size,
-    )
     rows = [r for r in range(len(dataset.images)) if r not in cache.failed]
     if e.max_images:
         rows = rows[: e.max_images]
@@ -215,7 +210,7 @@ def validate(
     predictions: dict[int, str] = {}
     for i in range(0, len(rows), e.batch_size):
         batch = rows[i : i + e.batch_size]
-        hyps = decode(decoder, cache.grids(batch).to(device), vocab, options)
+        hyps = decode(decoder, cache.grids(batch).to(device), vocab, config.decoding)
         for row, hyp in zip(batch, hyps, strict=True):
             predictions[dataset.images[row].image_id] = vocab.decode(hyp[0].tokens)
     decoder.train(was_training)
@@ -333,9 +328,7 @@ def set_up(config: Config, out: Path, resume: bool) -> Run:
 
     # --- encoder and features
     backbone = get_backbone(config.encoder.name)  # its input normalisation goes with the encoder
-    preprocess_config = PreprocessConfig(
-        config.preprocess.size, config.preprocess.resize, config.preprocess.interpolation, backbone.mean, backbone.std
-    )
+    preprocess_config = dataclasses.replace(config.preprocess, mean=backbone.mean, std=backbone.std)
     encoder = build_encoder(
         config.encoder.name,
         weights_path=config.encoder.weights or None,
@@ -369,19 +362,8 @@ def set_up(config: Config, out: Path, resume: bool) -> Run:
     log.info("training pairs: %d captions of %d images", len(pairs), len(usable))
 
     # --- model, optimizer, schedule
-    m = config.model
     decoder = CaptionDecoder(
-        DecoderConfig(
-            len(vocab),
-            encoder.channels,
-            m.embed_dim,
-            m.hidden_dim,
-            m.attention_dim,
-            m.num_layers,
-            m.cell,
-            m.conditioning,
-            m.dropout,
-        )
+        dataclasses.replace(config.model, vocab_size=len(vocab), feature_dim=encoder.channels)
     ).to(device)
     encoder.to(device)
     model = CaptionModel(
@@ -616,13 +598,7 @@ def end_of_epoch(run: Run, epoch: int, stage: str, losses: list[float], epoch_st
         "world_size": run.launch.world,
         "config": config.to_dict(),
     }
-    run.model.decoding = {
-        "strategy": config.eval.strategy,
-        "beam_size": config.eval.beam_size,
-        "max_length": config.eval.max_length,
-        "length_penalty": config.eval.length_penalty,
-        "no_repeat_ngram_size": config.eval.no_repeat_ngram_size,
-    }
+    run.model.decoding = {key: getattr(config.decoding, key) for key in RECORDED_DECODING}
     if improved:
         run.model.metrics = {"val": scores, "epoch": epoch, "stage": stage}
         save_model(dataclasses.replace(run.model, decoder=run.evaluated), run.out / "best")
