@@ -12,11 +12,10 @@ not in the file.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from captioner.decoding import DecodingOptions
 from captioner.model import DecoderConfig
