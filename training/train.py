@@ -431,6 +431,14 @@ def optimizer_step(run: Run, sync: bool) -> None:
     run.progress["step"] += 1
 
 
+def report_step(run: Run, bar: tqdm, shown: dict[str, str], scalars: dict[str, float]) -> None:
+    """A step's figures: ``shown`` on the progress bar, ``scalars`` in TensorBoard (rank 0)."""
+    bar.set_postfix(shown)
+    if run.writer is not None:
+        for name, value in scalars.items():
+            run.writer.add_scalar(name, value, run.progress["step"])
+
+
 def xe_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
     """One cross-entropy epoch with teacher forcing over every (image, caption) pair; returns the batch losses."""
     config, pad = run.config, run.vocab.pad
@@ -457,10 +465,8 @@ def xe_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
         optimizer_step(run, sync=False)
         losses.append(loss_value)
         lr = run.scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
-        if run.writer is not None:
-            run.writer.add_scalar("train/loss", loss_value, run.progress["step"])
-            run.writer.add_scalar("train/lr", lr, run.progress["step"])
+        report_step(run, bar, {"loss": f"{loss_value:.3f}", "lr": f"{lr:.2e}"},
+                    {"train/loss": loss_value, "train/lr": lr})
     return losses
 
 
@@ -504,10 +510,8 @@ def scst_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
         loss.backward()
         optimizer_step(run, sync=True)
         losses.append(float(loss.detach()))
-        bar.set_postfix(reward=f"{reward:.3f}", baseline=f"{baseline:.3f}")
-        if run.writer is not None:
-            run.writer.add_scalar("scst/sample_reward", reward, run.progress["step"])
-            run.writer.add_scalar("scst/baseline_reward", baseline, run.progress["step"])
+        report_step(run, bar, {"reward": f"{reward:.3f}", "baseline": f"{baseline:.3f}"},
+                    {"scst/sample_reward": reward, "scst/baseline_reward": baseline})
     return losses
 
 
