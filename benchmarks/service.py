@@ -28,9 +28,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the gunicorn test harness
+
+from gunicorn_process import GunicornServer  # noqa: E402
 
 from captioner.api import DEFAULT_MODEL_DIR, Captioner  # noqa: E402
-from service.gunicorn_process import GunicornServer  # noqa: E402
 
 DEFAULT_IMAGE = REPO / "captioner" / "samples" / "chelsea.jpg"
 

@@ -34,22 +34,49 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class AtomicFile:
+    """A file published whole: it is written at ``tmp`` beside ``path``, and :meth:`commit` fsyncs it and renames it
+    over ``path``; :meth:`discard` removes it instead. Readers of ``path`` see the old file or the complete new one.
+
+    As a context manager it commits when the block succeeds and discards on any exception::
+
+        with AtomicFile(path) as file:
+            file.tmp.write_bytes(data)
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        os.chmod(self.tmp, _FILE_MODE)
+
+    def commit(self) -> None:
+        """Make the temporary file durable, then put it in place of ``path``."""
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+    def discard(self) -> None:
+        """Remove the temporary file; ``path`` is untouched."""
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with AtomicFile(path) as file:
+        file.tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

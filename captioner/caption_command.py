@@ -36,6 +36,7 @@ from captioner.batch import (
     run_batch,
 )
 from captioner.decoding import OPTION_SPECS, OptionSpec, parse_option
+from captioner.distributed import Launch
 from captioner.errors import CaptionerError
 
 EXIT_FAILED_IMAGES = 1
@@ -132,7 +133,7 @@ def resolve_device(name: str, env: dict[str, str] | None = None) -> torch.device
         if not torch.cuda.is_available():
             raise ValueError("--device cuda, but CUDA is not available")
         if device.index is None and "LOCAL_RANK" in env:
-            device = torch.device("cuda", int(env["LOCAL_RANK"]))
+            device = torch.device("cuda", Launch.from_env(env).local_rank)
     return device
 
 
@@ -155,9 +156,6 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.format or infer_format(out)
     if args.resume and out is None:
         return _error("--resume needs --out")
-    if args.resume and fmt == "coco":
-        return _error("--resume is not supported for --format coco (a COCO results file is written whole at the "
-                      "end); use jsonl with --resume, then convert")
     try:
         device = resolve_device(args.device)
         paths = discover_images(args.paths, args.recursive, args.from_list)
@@ -165,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         if shard is not None:
             paths = shard.select(paths)
         completed = read_completed(out, fmt, args.num_captions or 1) if args.resume else Completed()
-        todo = [p for p in paths if p not in completed.images] if completed.images else paths
+        todo = completed.remaining(paths)
         captioner = Captioner.load(args.model, device=device)
         options = captioner.options(
             strategy=args.strategy, beam_size=args.beam_size, max_length=args.max_length,

@@ -208,7 +208,16 @@ def _log_probs(logits: Tensor, words: Tensor, step: int, vocab: Vocabulary, opti
 
     ``words`` (rows, step) holds the words generated so far in each row.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    return ban_tokens(torch.log_softmax(logits.float(), dim=-1), words, step, vocab, options)
+
+
+def ban_tokens(logp: Tensor, words: Tensor, step: int, vocab: Vocabulary, options: DecodingOptions) -> Tensor:
+    """The decoding rules as -inf scores: ``<pad>``, ``<start>`` (and ``<unk>`` unless allowed) never, ``<end>`` not
+    first, no repeated n-gram, only ``<end>`` after ``max_length`` words. Works on log-probabilities or logits (SCST
+    sampling bans before its softmax); may modify ``logp`` in place.
+
+    ``words`` (rows, step) holds the words generated so far in each row.
+    """
     banned = [vocab.pad, vocab.start] + ([] if options.allow_unk else [vocab.unk])
     logp[:, banned] = -torch.inf
     if step == 0:

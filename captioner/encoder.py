@@ -237,11 +237,6 @@ class Encoder(nn.Module):
         self.weights_sha256 = digest
         return self
 
-    def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """The feature grid (B, C, h, w) and its spatially pooled vector (B, C)."""
-        grid = self(images)
-        return grid, grid.mean(dim=(2, 3))
-
     def forward(self, images: Tensor) -> Tensor:
         """Feature grid (B, C, h, w)."""
         if self.fine_tune_blocks == 0:

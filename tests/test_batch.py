@@ -159,7 +159,7 @@ def test_mixed_folder_gives_one_record_per_input_and_error_records(
         if name in BROKEN:
             assert set(record) == {"image", "error"} and record["error"]
         else:
-            assert set(record) == {"image", "caption", "log_prob"} and record["caption"]
+            assert set(record) == {"image", "caption", "log_prob", "score"} and record["caption"]
     assert status == 1
     assert "captioned 6 images, 3 failed" in capsys.readouterr().err
 
@@ -195,8 +195,10 @@ def test_same_captions_as_the_python_api(mixed: Path, varied_model_dir: Path, tm
             record = records[str(path)]
             assert record["caption"] == captions[0].text
             assert record["log_prob"] == pytest.approx(captions[0].log_prob, abs=2e-3)
+            assert record["score"] == pytest.approx(captions[0].score, abs=2e-3)
             if num > 1:
                 assert [c["caption"] for c in record["captions"]] == [c.text for c in captions]
+                assert [c["score"] for c in record["captions"]] == pytest.approx([c.score for c in captions], abs=2e-3)
 
 
 def test_every_format_parses(mixed: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -204,10 +206,11 @@ def test_every_format_parses(mixed: Path, tiny_model_dir: Path, tmp_path: Path) 
     assert _caption(*common, "--out", tmp_path / "c.csv", "--num-captions", "2") == 1  # format from the extension
     with open(tmp_path / "c.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["image", "caption", "log_prob", "caption_2", "log_prob_2", "error"]
+    assert list(rows[0]) == ["image", "caption", "log_prob", "score", "caption_2", "log_prob_2", "score_2", "error"]
     assert _names(rows, mixed) == TOP_LEVEL
     assert all(bool(r["error"]) == (Path(r["image"]).name in BROKEN) for r in rows)
     assert all(float(r["log_prob"]) >= float(r["log_prob_2"]) for r in rows if not r["error"])
+    assert all(float(r["score"]) >= float(r["score_2"]) for r in rows if not r["error"])  # ranked by score
 
     assert _caption(*common, "--out", tmp_path / "coco.json") == 1
     results = json.loads((tmp_path / "coco.json").read_text())
@@ -318,3 +321,117 @@ def test_console_script(mixed: Path, tiny_model_dir: Path, tmp_path: Path) -> No
     assert "captioned 4 images, 3 failed" in proc.stderr and proc.stdout == ""
     with open(out, newline="") as f:
         assert len(list(csv.DictReader(f))) == len(TOP_LEVEL)
+
+
+# --- resume integrity: one image per file, whatever the spelling (issue #13 point 6) ---------------------------------
+
+
+def _spell(path: Path, how: str, root: Path) -> str:
+    """``path`` (under ``root``, the working directory) spelled relative, absolute, or through ``root/link``."""
+    if how == "relative":
+        return os.path.relpath(path, root)
+    if how == "absolute":
+        return str(path)
+    return str(root / "link" / path.relative_to(root))
+
+
+@pytest.fixture()
+def spelled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory with photos/ (4 good images, 1 broken), out/ and link -> the directory itself."""
+    for i, name in enumerate(["a.jpg", "b.png", "c.jpg", "d.png"]):
+        _photo(tmp_path / "photos" / name, i)
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("first", "second", "third"), [
+    ("relative", "absolute", "symlinked"),
+    ("absolute", "relative", "symlinked"),
+    ("symlinked", "absolute", "relative"),
+])
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_resume_with_other_spellings_of_out_and_inputs(
+    first: str, second: str, third: str, fmt: str, spelled: Path, tiny_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    photos, out = spelled / "photos", spelled / "out" / f"caps.{fmt}"
+
+    def run(how: str, *extra: str) -> int:
+        return _caption(_spell(photos, how, spelled), "--out", _spell(out, how, spelled), "--model", tiny_model_dir,
+                        "--workers", "0", "--batch-size", "2", *extra)
+
+    assert run(first) == 1
+    complete = out.read_bytes()
+    lines = complete.splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:3]) + lines[3][:5])  # killed: 3 lines (csv: header + 2), the 4th cut
+    capsys.readouterr()
+
+    assert run(second, "--resume") == 1
+    assert "already in" in capsys.readouterr().err
+    if fmt == "jsonl":
+        images = [r["image"] for r in _jsonl(out)]
+    else:
+        with open(out, newline="") as f:
+            images = [r["image"] for r in csv.DictReader(f)]
+    # Every file exactly once: no duplicates, no gaps; the records that were there keep their spelling.
+    assert sorted(os.path.realpath(i) for i in images) == sorted(str(p.resolve()) for p in photos.iterdir())
+    assert out.read_bytes().startswith(b"".join(lines[:3]))
+
+    assert run(third, "--resume") == 1  # a third spelling: nothing left to do
+    assert "captioned 0 images, 0 failed" in capsys.readouterr().err
+    assert len(out.read_bytes().splitlines()) == len(lines)
+
+
+def test_resume_refuses_a_file_whose_records_match_no_input(
+    spelled: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = spelled / "out" / "caps.jsonl"
+    common = ["--out", str(out), "--model", tiny_model_dir, "--workers", "0", "-q"]
+    assert _caption("photos", *common) == 1
+    before = out.read_bytes()
+    capsys.readouterr()
+    other = tmp_path / "other"
+    _photo(other / "x.jpg", 9)
+    # Another folder: not one record matches, so appending would only mix two jobs.
+    assert _caption(other, *common, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "refusing to append" in err and "'photos/a.jpg'" in err and len(err.strip().splitlines()) == 1
+    # Relative records read from another directory name other files (none of them an input): refused.
+    monkeypatch.chdir(spelled / "out")
+    _photo(spelled / "out" / "photos" / "z.jpg", 1)
+    assert _caption("photos", *common, "--resume") == 2
+    assert "refusing to append" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    # A subset of the inputs is fine: nothing to do.
+    monkeypatch.chdir(spelled)
+    assert _caption(str(spelled / "photos" / "a.jpg"), *common, "--resume") == 1  # the earlier failure counts
+    assert out.read_bytes() == before
+
+
+def test_spellings_of_one_file_are_one_image(spelled: Path) -> None:
+    spellings = ["photos/a.jpg", str(spelled / "photos" / "a.jpg"), "link/photos/a.jpg", "photos/../photos/a.jpg"]
+    assert discover_images(spellings) == [str(spelled / "photos" / "a.jpg")]  # the first in sorted order
+    assert len(discover_images(["photos", "link/photos", str(spelled / "photos")])) == 5
+
+
+def test_csv_written_before_the_score_column_resumes_in_its_own_layout(
+    mixed: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "old.csv"
+    args = [mixed, "--model", tiny_model_dir, "--workers", "0", "--out", out, "-q"]
+    assert _caption(*args) == 1
+    with open(out, newline="") as f:
+        rows = list(csv.reader(f))
+    # The layout of earlier versions (no score), with the first two images done.
+    old = [[v for c, v in zip(rows[0], row, strict=True) if c != "score"] for row in rows[:3]]
+    with open(out, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(old)
+    assert _caption(*args, "--resume") == 1
+    with open(out, newline="") as f:
+        resumed = list(csv.reader(f))
+    assert resumed[0] == ["image", "caption", "log_prob", "error"] and all(len(r) == 4 for r in resumed)
+    assert [r[0] for r in resumed[1:]] == [r[0] for r in rows[1:]]

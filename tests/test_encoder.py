@@ -169,11 +169,10 @@ def test_hub_cache_and_download_paths_verify(
     assert resolve_weights("mobilenet_v2", allow_download=False) == (target, digest)
 
 
-def test_encode_returns_grid_and_pooled_vector() -> None:
+def test_encoder_returns_the_feature_grid() -> None:
     encoder = build_encoder("mobilenet_v2", pretrained=False)
-    grid, pooled = encoder.encode(torch.randn(2, 3, 64, 64))
-    assert grid.shape == (2, 1280, 2, 2) and pooled.shape == (2, 1280)
-    torch.testing.assert_close(pooled, grid.mean(dim=(2, 3)))
+    grid = encoder(torch.randn(2, 3, 64, 64))
+    assert grid.shape == (2, 1280, 2, 2)
 
 
 def test_efficientnet_pytorch_names_convert_to_timm() -> None:

@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from gunicorn_process import GunicornServer
 from upload_corpus import CASES, Case, Request, jpeg, multipart, upload
-
-from service.gunicorn_process import GunicornServer
 
 ENV = {"CAPTIONER_TORCH_THREADS": "1"}  # the CI machine is small and shared
 

@@ -283,3 +283,27 @@ def test_scst_with_the_mean_baseline_runs_end_to_end(tmp_path: Path, data: dict[
     assert [e["stage"] for e in _history(tmp_path / "run")] == ["xe", "scst"]
     assert 'baseline = "mean"' in (tmp_path / "run" / "config.toml").read_text()
     assert Captioner.load(best).caption([data["images"] / "red_square_0.png"], strategy="greedy")[0][0].text
+
+
+def test_config_sections_are_the_library_types(tmp_path: Path) -> None:
+    from captioner.decoding import DecodingOptions
+    from captioner.preprocess import PreprocessConfig
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "flickr8k.toml")
+    assert isinstance(config.model, DecoderConfig) and isinstance(config.preprocess, PreprocessConfig)
+    # The file's [eval] decoding keys (written before [decoding] existed) are the decoding options.
+    assert config.decoding == DecodingOptions(beam_size=5, length_penalty=1.0, no_repeat_ngram_size=3)
+    assert config.model.embed_dim == 512 and config.eval.batch_size == 100
+    both = load_config(None, ["eval.beam_size=4", "decoding.max_length=9", "preprocess.resize=crop"])
+    assert (both.decoding.beam_size, both.decoding.max_length, both.preprocess.resize) == (4, 9, "crop")
+    with pytest.raises(ValueError, match="unknown key model.vocab_size"):  # derived from the data, not settable
+        load_config(None, ["model.vocab_size=3"])
+    with pytest.raises(ValueError, match="unknown key preprocess.mean"):
+        load_config(None, ["preprocess.mean=[0.5, 0.5, 0.5]"])
+    with pytest.raises(ValueError, match=r"--set model.cell=transformer: \[model\] unknown cell"):  # the type's check
+        load_config(None, ["model.cell=transformer"])
+    with pytest.raises(ValueError, match="num_captions must be between 1 and 1"):
+        load_config(None, ["decoding.strategy=greedy", "decoding.num_captions=2"])
+    saved = tmp_path / "saved.toml"
+    saved.write_text(both.to_toml())
+    assert load_config(saved) == both and "[decoding]" in saved.read_text() and "vocab_size" not in saved.read_text()

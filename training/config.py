@@ -1,17 +1,25 @@
 """Training configuration: a TOML file, then ``--set section.key=value`` overrides from the command line.
 
 Every field has a default, so a config file only states what differs. The effective config is saved beside the
-trained model, so a run can always be reproduced from its own output.
+trained model, so a run can always be reproduced from its own output. Three sections are the library's own types,
+so a model is built, fed and decoded with exactly what the file says: ``[model]`` is the decoder's
+:class:`~captioner.model.DecoderConfig`, ``[preprocess]`` the :class:`~captioner.preprocess.PreprocessConfig` and
+``[decoding]`` the :class:`~captioner.decoding.DecodingOptions` that validation uses and the model records as its
+default. Their fields that a run derives (the vocabulary size, the encoder's channels and input normalisation) are
+not in the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+from captioner.decoding import DecodingOptions
+from captioner.model import DecoderConfig
+from captioner.preprocess import PreprocessConfig
 
 
 @dataclass
@@ -29,24 +37,6 @@ class EncoderConfig:
     name: str = "mobilenet_v2"
     weights: str = ""  # explicit weights file; empty: hub cache, offline package, download
     fine_tune_blocks: int = 0  # > 0 trains the last blocks too (no features cache then)
-
-
-@dataclass
-class PreprocessSection:
-    size: int = 224
-    resize: str = "squash"
-    interpolation: str = "bilinear"
-
-
-@dataclass
-class ModelConfig:
-    cell: str = "lstm"
-    conditioning: str = "attention"
-    embed_dim: int = 256
-    hidden_dim: int = 512
-    attention_dim: int = 256
-    num_layers: int = 1
-    dropout: float = 0.5
 
 
 @dataclass
@@ -84,11 +74,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    strategy: str = "beam"
-    beam_size: int = 3
-    max_length: int = 20
-    length_penalty: float = 0.0
-    no_repeat_ngram_size: int = 0
+    """How validation runs (how it decodes is the ``[decoding]`` section)."""
+
     batch_size: int = 100
     max_images: int = 0  # 0: the whole validation split
 
@@ -114,15 +101,21 @@ class OutputConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    preprocess: PreprocessSection = field(default_factory=PreprocessSection)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)  # mean/std: the encoder's
+    model: DecoderConfig = field(default_factory=lambda: DecoderConfig(vocab_size=0, feature_dim=0))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
     scst: ScstConfig = field(default_factory=ScstConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Every section's settable fields (the derived ones left out)."""
+        sections = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {
+            name: {k: v for k, v in values.items() if k not in DERIVED.get(name, ())}
+            for name, values in sections.items()
+        }
 
     def to_toml(self) -> str:
         """The config as TOML text (flat sections of scalars)."""
@@ -142,21 +135,38 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+# Fields of the library's types that a run derives rather than reads: not settable, not saved.
+DERIVED: dict[str, tuple[str, ...]] = {
+    "model": ("vocab_size", "feature_dim"),  # from the vocabulary and the encoder
+    "preprocess": ("mean", "std"),  # the encoder's input normalisation
+}
+# Config files written before the [decoding] section held its keys in [eval]; they still work there.
+_DECODING_KEYS = {f.name for f in dataclasses.fields(DecodingOptions)}
+
+
 def _apply(config: Config, data: dict[str, Any], source: str) -> None:
     for section_name, values in data.items():
         if not hasattr(config, section_name) or not isinstance(values, dict):
             raise ValueError(f"{source}: unknown config section [{section_name}]")
+        if section_name == "eval":
+            _apply(config, {"decoding": {k: v for k, v in values.items() if k in _DECODING_KEYS}}, source)
+            values = {k: v for k, v in values.items() if k not in _DECODING_KEYS}
         section = getattr(config, section_name)
-        types = {f.name: f.type for f in dataclasses.fields(section)}
+        known = [f.name for f in dataclasses.fields(section) if f.name not in DERIVED.get(section_name, ())]
+        changes = {}
         for key, value in values.items():
-            if key not in types:
-                raise ValueError(f"{source}: unknown key {section_name}.{key} (known: {', '.join(types)})")
+            if key not in known:
+                raise ValueError(f"{source}: unknown key {section_name}.{key} (known: {', '.join(known)})")
             expected = type(getattr(section, key))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise ValueError(f"{source}: {section_name}.{key} must be {expected.__name__}, got {value!r}")
-            setattr(section, key, value)
+            changes[key] = value
+        try:  # the library's types check their own values (e.g. an unknown cell or strategy)
+            setattr(config, section_name, dataclasses.replace(section, **changes))
+        except ValueError as exc:
+            raise ValueError(f"{source}: [{section_name}] {exc}") from exc
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

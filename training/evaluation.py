@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from captioner.api import Captioner
 from captioner.atomic import atomic_write_text
-from captioner.batch import caption_batches
+from captioner.batch.records import caption_batches
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError
 from captioner.vocabulary import tokenize

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from captioner.atomic import atomic_write_text
-from captioner.batch import make_loader
+from captioner.atomic import AtomicFile, atomic_write_text
 from captioner.encoder import Encoder
+from captioner.image_loader import make_loader
 from captioner.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
@@ -103,8 +102,8 @@ def _compute(
     with torch.inference_mode():
         probe = encoder(torch.zeros(1, 3, config.size, config.size, device=device))
     shape = (len(paths), *probe.shape[1:])
-    tmp = entry / f"features.bin.{os.getpid()}.tmp"
-    features = np.memmap(tmp, dtype=dtype, mode="w+", shape=shape)
+    file = AtomicFile(entry / "features.bin")  # published whole, only once every row is written
+    features = np.memmap(file.tmp, dtype=dtype, mode="w+", shape=shape)
     loader = make_loader([str(p) for p in paths], config, batch_size, workers)  # the batch command's loader
     failed: list[int] = []
     row = 0
@@ -120,7 +119,7 @@ def _compute(
             bar.update(len(batch))
     features.flush()
     del features
-    os.replace(tmp, entry / "features.bin")
+    file.commit()
     if failed:
         log.warning("%d of %d images could not be read, e.g. %s", len(failed), len(paths), paths[failed[0]])
     # meta.json is written last: its presence marks a complete entry.

@@ -18,7 +18,7 @@ import torch
 from pycocoevalcap.cider.cider_scorer import precook
 from torch import Tensor
 
-from captioner.decoding import DecodingOptions, decode
+from captioner.decoding import DecodingOptions, ban_tokens, decode
 from captioner.model import CaptionDecoder, Memory, State
 from captioner.vocabulary import Vocabulary, tokenize
 
@@ -72,27 +72,23 @@ def sample_captions(
     """Sample one caption per row; returns word ids (rows, T) padded after ``<end>`` and summed log-probs (rows,)."""
     rows = state[0].size(0)
     device = state[0].device
+    rules = DecodingOptions(strategy="greedy", max_length=max_length)  # the bans of decoding, no n-gram blocking
     tokens = torch.full((rows,), vocab.start, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     log_prob = torch.zeros(rows, device=device)
-    words = []
+    words = torch.empty((rows, 0), dtype=torch.long, device=device)
     for step in range(max_length + 1):
         logits, state, _ = decoder.step(tokens, state, memory)
-        logits = logits.float()
-        logits[:, [vocab.pad, vocab.start, vocab.unk]] = -torch.inf
-        if step == 0:
-            logits[:, vocab.end] = -torch.inf
-        if step == max_length:
-            logits = torch.where(torch.arange(logits.size(1), device=device) == vocab.end, logits, -torch.inf)
-        logp = torch.log_softmax(logits, dim=-1)
+        # Banned before the softmax: the sample's log-probability is normalised over the allowed words.
+        logp = torch.log_softmax(ban_tokens(logits.float(), words, step, vocab, rules), dim=-1)
         tokens = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
         log_prob = log_prob + logp.gather(1, tokens.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0)
         tokens = tokens.masked_fill(finished, vocab.pad)
-        words.append(tokens)
+        words = torch.cat([words, tokens.unsqueeze(1)], dim=1)
         finished = finished | (tokens == vocab.end)
         if bool(finished.all()):
             break
-    return torch.stack(words, dim=1), log_prob
+    return words, log_prob
 
 
 BASELINES = ("greedy", "mean")

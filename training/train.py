@@ -1,7 +1,8 @@
 """The training loop: cross-entropy with teacher forcing, CIDEr-based model selection, resume, DDP.
 
-Plain PyTorch, no framework: read ``train`` from top to bottom. One epoch visits every (image, caption) pair once
-in a seeded order; after every ``eval_every`` epochs the model captions the validation images with real decoding
+Plain PyTorch, no framework: read ``train`` at the end, then the steps it calls (:func:`set_up`, :func:`xe_epoch`,
+:func:`scst_epoch`, :func:`end_of_epoch`), each a section of this file. One epoch visits every (image, caption) pair
+once in a seeded order; after every ``eval_every`` epochs the model captions the validation images with real decoding
 (the same ``decode`` the service uses) and the checkpoint with the best CIDEr is kept in ``best/``. ``last/`` holds
 the newest weights and the trainer state (optimizer, schedule, RNG), so ``--resume`` continues exactly.
 
@@ -22,15 +23,14 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -39,9 +39,10 @@ from tqdm import tqdm
 
 from captioner.atomic import atomic_write_bytes, atomic_write_text
 from captioner.checkpoint import CaptionModel, load_model, read_config, save_model
-from captioner.decoding import DecodingOptions, decode
+from captioner.decoding import decode
+from captioner.distributed import Launch, average_gradients, barrier, broadcast_from_main, init_distributed
 from captioner.encoder import build_encoder, get_backbone
-from captioner.model import CaptionDecoder, DecoderConfig, masked_cross_entropy
+from captioner.model import CaptionDecoder, masked_cross_entropy
 from captioner.preprocess import PreprocessConfig, preprocess
 from captioner.vocabulary import Vocabulary
 from training.config import Config
@@ -53,6 +54,8 @@ from training.scst import check_baseline as check_scst_baseline
 
 log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
+# The decoding options a trained model records as its defaults (config.json "decoding").
+RECORDED_DECODING = ("strategy", "beam_size", "max_length", "length_penalty", "no_repeat_ngram_size")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,13 +202,6 @@ def validate(
 ) -> tuple[dict[str, float], dict[int, str]]:
     """Caption the validation images with real decoding; returns pycocoevalcap scores and the predictions."""
     e = config.eval
-    options = DecodingOptions(
-        strategy=e.strategy,
-        beam_size=e.beam_size,
-        max_length=e.max_length,
-        length_penalty=e.length_penalty,
-        no_repeat_ngram_size=e.no_repeat_ngram_size,
-    )
     rows = [r for r in range(len(dataset.images)) if r not in cache.failed]
     if e.max_images:
         rows = rows[: e.max_images]
@@ -214,7 +210,7 @@ def validate(
     predictions: dict[int, str] = {}
     for i in range(0, len(rows), e.batch_size):
         batch = rows[i : i + e.batch_size]
-        hyps = decode(decoder, cache.grids(batch).to(device), vocab, options)
+        hyps = decode(decoder, cache.grids(batch).to(device), vocab, config.decoding)
         for row, hyp in zip(batch, hyps, strict=True):
             predictions[dataset.images[row].image_id] = vocab.decode(hyp[0].tokens)
     decoder.train(was_training)
@@ -225,95 +221,56 @@ def validate(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoint helpers
-
-
-def _optimizer_step(
-    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, clip: float, world: int, sync: bool,
-    ema: AveragedModel | None = None, model: nn.Module | None = None,
-) -> None:
-    """Clip the gradient norm and step; ``sync`` averages gradients across ranks (when DDP did not already).
-
-    With ``ema``, the moving average then takes in ``model``'s new weights.
-    """
-    parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if sync and world > 1:
-        for p in parameters:
-            dist.all_reduce(p.grad)
-            p.grad /= world
-    torch.nn.utils.clip_grad_norm_(parameters, clip)
-    optimizer.step()
-    scheduler.step()
-    if ema is not None:
-        ema.update_parameters(model)
-
-
-def _save_last(
-    out: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, scheduler: object, progress: dict,
-    ema: AveragedModel | None,
-) -> None:
-    save_model(model, out / "last")
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "progress": progress,
-    }
-    if ema is not None:
-        state["ema"] = ema.state_dict()
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(out / "last" / TRAINER_STATE, buffer.getvalue())
-
-
-def _plot_curves(history: list[dict], path: Path) -> None:
-    """Training loss and validation CIDEr per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [h["epoch"] for h in history]
-    left.plot(epochs, [h["train_loss"] for h in history], marker="o")
-    left.set(xlabel="epoch", ylabel="train loss", title="cross-entropy")
-    evaluated = [h for h in history if "val" in h]
-    for key in ("CIDEr", "BLEU-4"):
-        if evaluated and key in evaluated[0]["val"]:
-            right.plot([h["epoch"] for h in evaluated], [h["val"][key] * 100 for h in evaluated], marker="o", label=key)
-    right.set(xlabel="epoch", ylabel="score x100", title="validation")
-    right.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The loop
+# Set-up: everything the epochs share
 
 
 @dataclass
-class Distributed:
-    """Rank and world size; world 1 when not launched by torchrun."""
+class Run:
+    """A training run's state: made once by :func:`set_up`, then read and advanced by each epoch."""
 
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+    config: Config
+    out: Path
+    launch: Launch
+    device: torch.device
+    train_set: CaptionDataset
+    val_set: CaptionDataset
+    vocab: Vocabulary
+    train_cache: FeatureCache | None  # None when fine-tuning the encoder (images are encoded in every step)
+    val_cache: FeatureCache
+    pairs: CaptionPairs
+    usable: set[int]  # training images whose features could be computed
+    encoder: nn.Module
+    decoder: CaptionDecoder
+    model: CaptionModel  # what best/ and last/ save: the encoder, the trained decoder and the vocabulary
+    ema: AveragedModel | None  # the moving average of the decoder weights, when train.ema_decay > 0
+    net: nn.Module  # the decoder, wrapped in DistributedDataParallel under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    progress: dict  # epoch, step, stage, best CIDEr, ...: saved in last/ for --resume
+    writer: Any  # TensorBoard SummaryWriter on rank 0, else None
+    use_amp: bool
+    started: float
+    cider: CiderD | None = None  # SCST's reward, built at the first SCST epoch
 
     @property
-    def main(self) -> bool:
-        return self.rank == 0
+    def fine_tune(self) -> bool:
+        return self.config.encoder.fine_tune_blocks > 0
 
-    @classmethod
-    def from_env(cls, device_type: str) -> Distributed:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights validation scores and best/ keeps: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.decoder
+
+
+def check_config(config: Config, launch: Launch) -> None:
+    """Refuse combinations that cannot work now, rather than after hours of training."""
+    if launch.world > 1 and config.train.tbptt:
+        raise ValueError("train.tbptt is not supported under torchrun (DistributedDataParallel); set it to 0")
+    if config.train.mirror_images and config.encoder.fine_tune_blocks > 0:
+        raise ValueError("train.mirror_images needs cached features: set encoder.fine_tune_blocks = 0")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+    check_scst_baseline(config.scst.baseline, config.scst.samples)
 
 
 def _lr_lambda(config: Config, total_steps: int):  # noqa: ANN202 - LambdaLR factor function
@@ -330,23 +287,32 @@ def _lr_lambda(config: Config, total_steps: int):  # noqa: ANN202 - LambdaLR fac
     return factor
 
 
-def train(config: Config, out: str | Path, resume: bool = False) -> Path:
-    """Train a model as ``config`` says, writing the run directory ``out``; returns the best model's directory."""
-    out = Path(out)
+def make_optimizer(
+    config: Config, decoder: nn.Module, encoder: nn.Module, stage: str, steps_per_epoch: int,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its schedule: warm-up then cosine on the decoder (and fine-tuned encoder blocks) for cross-entropy;
+    a small constant learning rate, decoder only, for SCST."""
+    if stage == "scst":
+        optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.scst.lr, weight_decay=config.train.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    groups = [{"params": list(decoder.parameters()), "lr": config.train.lr}]
+    if config.encoder.fine_tune_blocks > 0:
+        groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": config.train.encoder_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.train.weight_decay)
+    schedule = _lr_lambda(config, steps_per_epoch * config.train.epochs)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def set_up(config: Config, out: Path, resume: bool) -> Run:
+    """Devices, data, vocabulary, feature caches, model, optimizer; restored from ``out/last`` with ``resume``."""
     device_type = config.train.device
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    dist_info = Distributed.from_env(device_type)
-    device = torch.device("cuda", dist_info.local_rank) if device_type == "cuda" else torch.device(device_type)
+    launch = init_distributed(device_type)
+    device = torch.device("cuda", launch.local_rank) if device_type == "cuda" else torch.device(device_type)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    if dist_info.world > 1 and config.train.tbptt:
-        raise ValueError("train.tbptt is not supported under torchrun (DistributedDataParallel); set it to 0")
-    if config.train.mirror_images and config.encoder.fine_tune_blocks > 0:
-        raise ValueError("train.mirror_images needs cached features: set encoder.fine_tune_blocks = 0")
-    if not 0.0 <= config.train.ema_decay < 1.0:
-        raise ValueError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
-    check_scst_baseline(config.scst.baseline, config.scst.samples)  # now, not after the cross-entropy epochs
+    check_config(config, launch)
     started = time.time()
     torch.manual_seed(config.train.seed)
     np.random.seed(config.train.seed)
@@ -362,9 +328,7 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
 
     # --- encoder and features
     backbone = get_backbone(config.encoder.name)  # its input normalisation goes with the encoder
-    preprocess_config = PreprocessConfig(
-        config.preprocess.size, config.preprocess.resize, config.preprocess.interpolation, backbone.mean, backbone.std
-    )
+    preprocess_config = dataclasses.replace(config.preprocess, mean=backbone.mean, std=backbone.std)
     encoder = build_encoder(
         config.encoder.name,
         weights_path=config.encoder.weights or None,
@@ -385,60 +349,33 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
         )
 
     # Rank 0 fills the cache first; the other ranks then read the finished entry.
-    if not dist_info.main:
-        dist.barrier()
+    if not launch.main:
+        barrier(launch)
     val_cache = cache_for(val_set)
     train_cache = None if fine_tune else cache_for(train_set)
     mirror_cache = cache_for(train_set, mirrored=True) if config.train.mirror_images else None
-    if dist_info.main and dist_info.world > 1:
-        dist.barrier()
+    if launch.main:
+        barrier(launch)
     usable = set(range(len(train_set.images))) - (train_cache.failed if train_cache else set())
     rows, tokens = encode_captions(train_set, vocab, config.data.max_caption_length, usable)
     pairs = CaptionPairs(rows, tokens, train_cache, train_set, preprocess_config, mirror_cache)
     log.info("training pairs: %d captions of %d images", len(pairs), len(usable))
 
     # --- model, optimizer, schedule
-    m = config.model
     decoder = CaptionDecoder(
-        DecoderConfig(
-            len(vocab),
-            encoder.channels,
-            m.embed_dim,
-            m.hidden_dim,
-            m.attention_dim,
-            m.num_layers,
-            m.cell,
-            m.conditioning,
-            m.dropout,
-        )
+        dataclasses.replace(config.model, vocab_size=len(vocab), feature_dim=encoder.channels)
     ).to(device)
     encoder.to(device)
     model = CaptionModel(
         encoder, decoder, vocab, preprocess_config, name=config.output.name, version=config.output.version
     )
-    steps_per_epoch = math.ceil(len(pairs) // dist_info.world / config.train.batch_size)
     # Polyak averaging: validation and best/ use the moving average of the weights, last/ the trained weights.
     ema = None
     if config.train.ema_decay:
         ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay), use_buffers=True)
-    evaluated = ema.module if ema is not None else decoder
-
-    def make_optimizer(stage: str) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-        if stage == "scst":  # a small constant learning rate, decoder only
-            optimizer = torch.optim.AdamW(
-                decoder.parameters(), lr=config.scst.lr, weight_decay=config.train.weight_decay
-            )
-            return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        groups = [{"params": list(decoder.parameters()), "lr": config.train.lr}]
-        if fine_tune:
-            groups.append(
-                {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": config.train.encoder_lr}
-            )
-        optimizer = torch.optim.AdamW(groups, weight_decay=config.train.weight_decay)
-        schedule = _lr_lambda(config, steps_per_epoch * config.train.epochs)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
+    steps_per_epoch = math.ceil(len(pairs) // launch.world / config.train.batch_size)
     progress = {"epoch": 0, "step": 0, "stage": "xe", "best_cider": -1.0, "bad_evals": 0, "history": [], "seconds": 0.0}
+    state = None
     if resume and (out / "last" / TRAINER_STATE).is_file():
         last = load_model(out / "last")
         decoder.load_state_dict(last.decoder.state_dict())
@@ -446,7 +383,8 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
             encoder.load_state_dict(last.encoder.state_dict())
         state = torch.load(out / "last" / TRAINER_STATE, map_location="cpu", weights_only=True)
         progress = state["progress"]
-        optimizer, scheduler = make_optimizer(progress["stage"])
+    optimizer, scheduler = make_optimizer(config, decoder, encoder, progress["stage"], steps_per_epoch)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -455,180 +393,258 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
                 raise ValueError(f"{out / 'last'} was trained without train.ema_decay; resume with the same config")
             ema.load_state_dict(state["ema"])
         log.info("resuming after epoch %d (step %d)", progress["epoch"], progress["step"])
-    else:
-        optimizer, scheduler = make_optimizer("xe")
-        if dist_info.main:
-            out.mkdir(parents=True, exist_ok=True)
-    if dist_info.main:
-        atomic_write_text(out / "config.toml", config.to_toml())
-
-    net: nn.Module = DistributedDataParallel(decoder) if dist_info.world > 1 else decoder
+    elif launch.main:
+        out.mkdir(parents=True, exist_ok=True)
     writer = None
-    if dist_info.main:
+    if launch.main:
+        atomic_write_text(out / "config.toml", config.to_toml())
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"))
-    use_amp = (config.train.amp and device.type == "cuda") or (config.train.amp_on_cpu and device.type == "cpu")
-    cider = None
-    total_epochs = config.train.epochs + config.scst.epochs
+    return Run(
+        config=config, out=out, launch=launch, device=device, train_set=train_set, val_set=val_set, vocab=vocab,
+        train_cache=train_cache, val_cache=val_cache, pairs=pairs, usable=usable, encoder=encoder, decoder=decoder,
+        model=model, ema=ema, net=DistributedDataParallel(decoder) if launch.world > 1 else decoder,
+        optimizer=optimizer, scheduler=scheduler, progress=progress, writer=writer,
+        use_amp=(config.train.amp and device.type == "cuda") or (config.train.amp_on_cpu and device.type == "cpu"),
+        started=started,
+    )
 
-    while progress["epoch"] < total_epochs:
-        epoch = progress["epoch"] + 1
-        stage = "xe" if epoch <= config.train.epochs else "scst"
-        if stage == "scst" and progress["stage"] != "scst":
-            # Self-critical training starts from the best cross-entropy weights, with a fresh optimizer.
-            if fine_tune or train_cache is None:
-                raise ValueError("SCST needs cached features: set encoder.fine_tune_blocks = 0 or scst.epochs = 0")
-            if (out / "best").is_dir():
-                decoder.load_state_dict(load_model(out / "best").decoder.state_dict())
-            if ema is not None:  # the average restarts from the weights SCST starts from
-                ema.module.load_state_dict(decoder.state_dict())
-            optimizer, scheduler = make_optimizer("scst")
-            progress["stage"], progress["bad_evals"] = "scst", 0
-        epoch_start = time.time()
-        net.train()
-        encoder.train(fine_tune)
-        losses = []
-        if stage == "xe":
-            batches = epoch_batches(
-                len(pairs), config.train.batch_size, config.train.seed, epoch, dist_info.rank, dist_info.world,
-                lengths=(tokens != vocab.pad).sum(dim=1) if config.train.bucket_by_length else None,
-            )
-            pairs.choose_mirrored(config.train.seed, epoch)
-            loader = DataLoader(pairs, batch_sampler=batches, num_workers=config.train.workers if fine_tune else 0)
-            bar = tqdm(loader, desc=f"epoch {epoch}/{total_epochs} xe", disable=not dist_info.main, unit="batch")
-            for images, batch_tokens in bar:
-                images, batch_tokens = images.to(device, non_blocking=True), batch_tokens.to(device)
-                batch_tokens = batch_tokens[:, : int((batch_tokens != vocab.pad).sum(1).max())]  # trim padding
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    grid = encoder(images) if fine_tune else images
-                    if config.train.tbptt:
-                        loss_value = tbptt_backward(decoder, grid, batch_tokens, config, vocab.pad)
-                    else:
-                        loss = caption_loss(net, grid, batch_tokens, config, vocab.pad)
-                        loss.backward()
-                        loss_value = float(loss.detach())
-                _optimizer_step(
-                    optimizer, scheduler, config.train.grad_clip, dist_info.world, sync=False, ema=ema, model=decoder
-                )
-                progress["step"] += 1
-                losses.append(loss_value)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if writer is not None:
-                    writer.add_scalar("train/loss", loss_value, progress["step"])
-                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], progress["step"])
-        else:
-            if cider is None:
-                cider = CiderD({r.image_id: r.captions for r in train_set.images})
-            image_rows = sorted(usable)
-            batches = epoch_batches(
-                len(image_rows), config.scst.batch_size, config.train.seed, epoch, dist_info.rank, dist_info.world
-            )
-            bar = tqdm(batches, desc=f"epoch {epoch}/{total_epochs} scst", disable=not dist_info.main, unit="batch")
-            for batch in bar:
-                rows_ = [image_rows[i] for i in batch]
-                grid = train_cache.grids(rows_).to(device)
-                optimizer.zero_grad(set_to_none=True)
-                loss, reward, baseline = scst_loss(
-                    decoder,
-                    grid,
-                    [train_set.images[r].image_id for r in rows_],
-                    vocab,
-                    cider,
-                    config.scst.samples,
-                    config.scst.max_length,
-                    config.scst.baseline,
-                )
+
+# ----------------------------------------------------------------------------------------------------------------
+# One epoch of each stage
+
+
+def optimizer_step(run: Run, sync: bool) -> None:
+    """Clip the gradient norm and step; ``sync`` averages gradients across ranks (when DDP did not already).
+
+    The moving average, if any, then takes in the decoder's new weights.
+    """
+    parameters = [p for group in run.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if sync:
+        average_gradients(parameters, run.launch)
+    torch.nn.utils.clip_grad_norm_(parameters, run.config.train.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.decoder)
+    run.progress["step"] += 1
+
+
+def report_step(run: Run, bar: tqdm, shown: dict[str, str], scalars: dict[str, float]) -> None:
+    """A step's figures: ``shown`` on the progress bar, ``scalars`` in TensorBoard (rank 0)."""
+    bar.set_postfix(shown)
+    if run.writer is not None:
+        for name, value in scalars.items():
+            run.writer.add_scalar(name, value, run.progress["step"])
+
+
+def xe_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
+    """One cross-entropy epoch with teacher forcing over every (image, caption) pair; returns the batch losses."""
+    config, pad = run.config, run.vocab.pad
+    batches = epoch_batches(
+        len(run.pairs), config.train.batch_size, config.train.seed, epoch, run.launch.rank, run.launch.world,
+        lengths=(run.pairs.tokens != pad).sum(dim=1) if config.train.bucket_by_length else None,
+    )
+    run.pairs.choose_mirrored(config.train.seed, epoch)
+    loader = DataLoader(run.pairs, batch_sampler=batches, num_workers=config.train.workers if run.fine_tune else 0)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{total_epochs} xe", disable=not run.launch.main, unit="batch")
+    losses = []
+    for images, tokens in bar:
+        images, tokens = images.to(run.device, non_blocking=True), tokens.to(run.device)
+        tokens = tokens[:, : int((tokens != pad).sum(1).max())]  # trim padding
+        run.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_amp):
+            grid = run.encoder(images) if run.fine_tune else images
+            if config.train.tbptt:
+                loss_value = tbptt_backward(run.decoder, grid, tokens, config, pad)
+            else:
+                loss = caption_loss(run.net, grid, tokens, config, pad)
                 loss.backward()
-                _optimizer_step(
-                    optimizer, scheduler, config.train.grad_clip, dist_info.world, sync=True, ema=ema, model=decoder
-                )
-                progress["step"] += 1
-                losses.append(float(loss.detach()))
-                bar.set_postfix(reward=f"{reward:.3f}", baseline=f"{baseline:.3f}")
-                if writer is not None:
-                    writer.add_scalar("scst/sample_reward", reward, progress["step"])
-                    writer.add_scalar("scst/baseline_reward", baseline, progress["step"])
+                loss_value = float(loss.detach())
+        optimizer_step(run, sync=False)
+        losses.append(loss_value)
+        lr = run.scheduler.get_last_lr()[0]
+        report_step(run, bar, {"loss": f"{loss_value:.3f}", "lr": f"{lr:.2e}"},
+                    {"train/loss": loss_value, "train/lr": lr})
+    return losses
 
-        entry: dict = {
-            "epoch": epoch,
-            "stage": stage,
-            "train_loss": float(np.mean(losses)),
-            "epoch_seconds": time.time() - epoch_start,
-        }
-        stop = False
-        if dist_info.main:
-            improved = False
-            if epoch % config.train.eval_every == 0 or epoch in (config.train.epochs, total_epochs):
-                eval_start = time.time()
-                scores, _ = validate(evaluated, vocab, val_cache, val_set, config, device)
-                entry["val"] = scores
-                if ema is not None:  # the trained weights too, to show what the averaging adds
-                    entry["val_trained_weights"], _ = validate(decoder, vocab, val_cache, val_set, config, device)
-                entry["eval_seconds"] = time.time() - eval_start
-                for key, value in scores.items():
-                    writer.add_scalar(f"val/{key}", value, epoch)
-                if scores["CIDEr"] > progress["best_cider"]:
-                    progress["best_cider"], progress["bad_evals"], improved = scores["CIDEr"], 0, True
-                else:
-                    progress["bad_evals"] += 1
-                stop = progress["bad_evals"] >= config.train.patience
-            progress["seconds"] += time.time() - epoch_start
-            progress["history"].append(entry)
-            model.training = {
-                "epochs": epoch,
-                "steps": progress["step"],
-                "seconds": round(progress["seconds"], 1),
-                "device": str(device),
-                "world_size": dist_info.world,
-                "config": config.to_dict(),
-            }
-            model.decoding = {
-                "strategy": config.eval.strategy,
-                "beam_size": config.eval.beam_size,
-                "max_length": config.eval.max_length,
-                "length_penalty": config.eval.length_penalty,
-                "no_repeat_ngram_size": config.eval.no_repeat_ngram_size,
-            }
-            if improved:
-                model.metrics = {"val": scores, "epoch": epoch, "stage": stage}
-                save_model(dataclasses.replace(model, decoder=evaluated), out / "best")
-            progress["epoch"] = epoch
-            _save_last(out, model, optimizer, scheduler, progress, ema)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            _plot_curves(progress["history"], out / "curves.png")
-            val_text = " ".join(f"{k}={v * 100:.1f}" for k, v in entry.get("val", {}).items())
-            log.info(
-                "epoch %d (%s): loss %.3f, %.0fs %s",
-                epoch,
-                stage,
-                entry["train_loss"],
-                entry["epoch_seconds"],
-                val_text,
-            )
+
+def start_scst(run: Run) -> None:
+    """Self-critical training starts from the best cross-entropy weights, with a fresh optimizer."""
+    if run.train_cache is None:
+        raise ValueError("SCST needs cached features: set encoder.fine_tune_blocks = 0 or scst.epochs = 0")
+    if (run.out / "best").is_dir():
+        run.decoder.load_state_dict(load_model(run.out / "best").decoder.state_dict())
+    if run.ema is not None:  # the average restarts from the weights SCST starts from
+        run.ema.module.load_state_dict(run.decoder.state_dict())
+    run.optimizer, run.scheduler = make_optimizer(run.config, run.decoder, run.encoder, "scst", 0)
+    run.progress["stage"], run.progress["bad_evals"] = "scst", 0
+
+
+def scst_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
+    """One self-critical epoch over the training images (CIDEr-D reward); returns the batch losses."""
+    config = run.config
+    if run.cider is None:
+        run.cider = CiderD({r.image_id: r.captions for r in run.train_set.images})
+    image_rows = sorted(run.usable)
+    batches = epoch_batches(
+        len(image_rows), config.scst.batch_size, config.train.seed, epoch, run.launch.rank, run.launch.world
+    )
+    bar = tqdm(batches, desc=f"epoch {epoch}/{total_epochs} scst", disable=not run.launch.main, unit="batch")
+    losses = []
+    for batch in bar:
+        rows = [image_rows[i] for i in batch]
+        grid = run.train_cache.grids(rows).to(run.device)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss, reward, baseline = scst_loss(
+            run.decoder,
+            grid,
+            [run.train_set.images[r].image_id for r in rows],
+            run.vocab,
+            run.cider,
+            config.scst.samples,
+            config.scst.max_length,
+            config.scst.baseline,
+        )
+        loss.backward()
+        optimizer_step(run, sync=True)
+        losses.append(float(loss.detach()))
+        report_step(run, bar, {"reward": f"{reward:.3f}", "baseline": f"{baseline:.3f}"},
+                    {"scst/sample_reward": reward, "scst/baseline_reward": baseline})
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End of epoch: validate, keep the best, save last/, log
+
+
+def _save_last(run: Run) -> None:
+    save_model(run.model, run.out / "last")
+    state = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "progress": run.progress,
+    }
+    if run.ema is not None:
+        state["ema"] = run.ema.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(run.out / "last" / TRAINER_STATE, buffer.getvalue())
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    """Training loss and validation CIDEr per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    left.set(xlabel="epoch", ylabel="train loss", title="cross-entropy")
+    evaluated = [h for h in history if "val" in h]
+    for key in ("CIDEr", "BLEU-4"):
+        if evaluated and key in evaluated[0]["val"]:
+            right.plot([h["epoch"] for h in evaluated], [h["val"][key] * 100 for h in evaluated], marker="o", label=key)
+    right.set(xlabel="epoch", ylabel="score x100", title="validation")
+    right.legend()
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=80)
+    plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())
+
+
+def end_of_epoch(run: Run, epoch: int, stage: str, losses: list[float], epoch_start: float) -> bool:
+    """Validate when due, keep the best weights, save ``last/`` and the log (rank 0); returns whether to stop early.
+
+    Every rank gets rank 0's decision.
+    """
+    config, progress = run.config, run.progress
+    total_epochs = config.train.epochs + config.scst.epochs
+    entry: dict = {
+        "epoch": epoch,
+        "stage": stage,
+        "train_loss": float(np.mean(losses)),
+        "epoch_seconds": time.time() - epoch_start,
+    }
+    progress["epoch"] = epoch
+    stop = False
+    if not run.launch.main:
+        progress["history"].append(entry)
+        return broadcast_from_main(stop, run.launch)
+    improved = False
+    if epoch % config.train.eval_every == 0 or epoch in (config.train.epochs, total_epochs):
+        eval_start = time.time()
+        scores, _ = validate(run.evaluated, run.vocab, run.val_cache, run.val_set, config, run.device)
+        entry["val"] = scores
+        if run.ema is not None:  # the trained weights too, to show what the averaging adds
+            entry["val_trained_weights"], _ = validate(run.decoder, run.vocab, run.val_cache, run.val_set, config,
+                                                       run.device)
+        entry["eval_seconds"] = time.time() - eval_start
+        for key, value in scores.items():
+            run.writer.add_scalar(f"val/{key}", value, epoch)
+        if scores["CIDEr"] > progress["best_cider"]:
+            progress["best_cider"], progress["bad_evals"], improved = scores["CIDEr"], 0, True
         else:
-            progress["epoch"] = epoch
-            progress["history"].append(entry)
-        if dist_info.world > 1:
-            flag = [stop]
-            dist.broadcast_object_list(flag, src=0)
-            stop = flag[0]
-        if stop:
+            progress["bad_evals"] += 1
+        stop = progress["bad_evals"] >= config.train.patience
+    progress["seconds"] += time.time() - epoch_start
+    progress["history"].append(entry)
+    run.model.training = {
+        "epochs": epoch,
+        "steps": progress["step"],
+        "seconds": round(progress["seconds"], 1),
+        "device": str(run.device),
+        "world_size": run.launch.world,
+        "config": config.to_dict(),
+    }
+    run.model.decoding = {key: getattr(config.decoding, key) for key in RECORDED_DECODING}
+    if improved:
+        run.model.metrics = {"val": scores, "epoch": epoch, "stage": stage}
+        save_model(dataclasses.replace(run.model, decoder=run.evaluated), run.out / "best")
+    _save_last(run)
+    with open(run.out / "log.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    _plot_curves(progress["history"], run.out / "curves.png")
+    val_text = " ".join(f"{k}={v * 100:.1f}" for k, v in entry.get("val", {}).items())
+    log.info("epoch %d (%s): loss %.3f, %.0fs %s", epoch, stage, entry["train_loss"], entry["epoch_seconds"], val_text)
+    return broadcast_from_main(stop, run.launch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(config: Config, out: str | Path, resume: bool = False) -> Path:
+    """Train a model as ``config`` says, writing the run directory ``out``; returns the best model's directory."""
+    run = set_up(config, Path(out), resume)
+    total_epochs = config.train.epochs + config.scst.epochs
+    while run.progress["epoch"] < total_epochs:
+        epoch = run.progress["epoch"] + 1
+        stage = "xe" if epoch <= config.train.epochs else "scst"
+        if stage == "scst" and run.progress["stage"] != "scst":
+            start_scst(run)
+        epoch_start = time.time()
+        run.net.train()
+        run.encoder.train(run.fine_tune)
+        losses = xe_epoch(run, epoch, total_epochs) if stage == "xe" else scst_epoch(run, epoch, total_epochs)
+        if end_of_epoch(run, epoch, stage, losses, epoch_start):
             log.info("early stopping (%s): no CIDEr improvement in %d evaluations", stage, config.train.patience)
             if stage == "scst" or config.scst.epochs == 0:
                 break
-            progress["epoch"] = config.train.epochs  # go on with the SCST stage
+            run.progress["epoch"] = config.train.epochs  # go on with the SCST stage
 
-    if writer is not None:
-        writer.close()
-    if dist_info.main and (out / "best").is_dir():
-        final_evaluation(out / "best", config, val_set, val_cache, device, time.time() - started)
-    if dist_info.world > 1:
-        dist.barrier()
-    log.info("training finished in %.0fs", time.time() - started)
-    return out / "best"
+    if run.writer is not None:
+        run.writer.close()
+    if run.launch.main and (run.out / "best").is_dir():
+        final_evaluation(run.out / "best", config, run.val_set, run.val_cache, run.device, time.time() - run.started)
+    barrier(run.launch)
+    log.info("training finished in %.0fs", time.time() - run.started)
+    return run.out / "best"
 
 
 def final_evaluation(

@@ -1,4 +1,7 @@
-"""Run the service under a real gunicorn, as a child process on a free loopback port (tests and benchmarks)."""
+"""Run the service under a real gunicorn, as a child process on a free loopback port (tests and benchmarks).
+
+A test harness, not part of the service: it lives in ``tests/`` (benchmarks put this folder on ``sys.path``).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GUNICORN_CONF = Path(__file__).resolve().parent / "gunicorn.conf.py"
+GUNICORN_CONF = REPO / "service" / "gunicorn.conf.py"
 
 
 def free_port() -> int:
