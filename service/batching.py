@@ -65,7 +65,7 @@ def caption_mixed(
         groups.setdefault(opts, []).append(index)
     results: list[list[Caption]] = [[] for _ in tensors]
     with torch.inference_mode():
-        grid = captioner.model.encoder(torch.stack(list(tensors)).to(captioner.device, non_blocking=True))
+        grid = captioner.encode(torch.stack(list(tensors)).to(captioner.device, non_blocking=True))
         for opts, indices in groups.items():
             rows = grid if len(indices) == len(tensors) else grid[torch.tensor(indices, device=grid.device)]
             for index, captions in zip(indices, captioner.caption_grids(rows, opts), strict=True):
