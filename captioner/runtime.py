@@ -119,7 +119,7 @@ class _CompiledRuntime:
 
     def __call__(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
-            raise ValueError(
+            raise RuntimeError(  # what the torch encoder raises for a wrong shape, so callers see one error type
                 f"the {self.name} encoder takes (batch, 3, {self.image_size}, {self.image_size}) images, "
                 f"got {tuple(images.shape)}"
             )
