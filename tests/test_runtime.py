@@ -177,3 +177,20 @@ def test_features_cache_is_built_with_the_fast_runtime(tmp_path: Path) -> None:
     with torch.inference_mode():
         expected = encoder(torch.stack([preprocess(p, config) for p in photos]))
     assert (cache.grids(list(range(len(photos)))) - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("runtime", ["torch", *COMPILED])
+def test_service_loads_the_configured_runtime(runtime: str, tiny_model_dir: Path) -> None:
+    """``CAPTIONER_RUNTIME`` / ``create_app({"runtime": ...})`` reaches the worker's Captioner."""
+    _require(runtime)
+    from service.app import create_app
+    from service.routes.common import ENGINE_KEY
+
+    app = create_app({"model": str(tiny_model_dir), "load_in_background": False, "runtime": runtime})
+    try:
+        assert app.extensions[ENGINE_KEY].captioner.encode.name == runtime
+        photo = sorted(SAMPLES.glob("*.jpg"))[0]
+        response = app.test_client().post("/v1/captions", data=photo.read_bytes(), content_type="image/jpeg")
+        assert response.status_code == 200, response.get_data(as_text=True)
+    finally:
+        app.extensions[ENGINE_KEY].close()
