@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {device}, {torch.get_num_threads()} threads, runtimes {', '.join(names)}, decoding {options}")
     peak = matmul_peak(device, args.repeats)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        reference.model.encoder(torch.zeros(1, 3, 224, 224, device=device))
+        size = reference.preprocess_config.size
+        reference.model.encoder(torch.zeros(1, 3, size, size, device=device))
     gflop = counter.get_total_flops() / 1e9
     print(f"fp32 matmul peak: {peak:.0f} GFLOP/s; encoder: {gflop:.2f} GFLOP per image")
 
