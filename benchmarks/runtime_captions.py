@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = predictions
         first = results[args.runtimes[0]]
         differ = sum(predictions[i] != first[i] for i in first)
-        shown = ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
         share = 100 * differ / len(first)
         print(f"{name:<12} {len(predictions) / seconds:6.1f} img/s  {shown}  "
               f"captions differing from {args.runtimes[0]}: {differ} of {len(first)} ({share:.1f}%)", flush=True)
