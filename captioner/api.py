@@ -19,6 +19,7 @@ from captioner.checkpoint import CaptionModel, load_model
 from captioner.decoding import DecodingOptions, decode
 from captioner.errors import CheckpointError
 from captioner.preprocess import DEFAULT_MAX_PIXELS, ImageSource, prepare_image
+from captioner.runtime import AUTO, load_runtime
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 
@@ -41,11 +42,13 @@ class Caption:
 class Captioner:
     """A loaded model ready to caption images."""
 
-    def __init__(self, model: CaptionModel, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: CaptionModel, device: str | torch.device = "cpu", runtime: str | None = AUTO) -> None:
         self.model = model.to(device)
         self.device = torch.device(device)
         self.vocab = model.vocab
         self.preprocess_config = model.preprocess
+        # The encoder in the chosen inference runtime (captioner.runtime); the decoder always runs in PyTorch.
+        self.encode = load_runtime(model.encoder, model.preprocess.size, runtime, self.device)
 
     @classmethod
     def load(
@@ -54,13 +57,17 @@ class Captioner:
         device: str | torch.device = "cpu",
         encoder_weights: str | Path | None = None,
         allow_download: bool = True,
+        runtime: str | None = AUTO,
     ) -> Captioner:
-        """Load a model directory (the bundled default model when ``path`` is None)."""
+        """Load a model directory (the bundled default model when ``path`` is None).
+
+        ``runtime`` runs the encoder: "torch", "openvino", "onnxruntime" or "auto" (the fastest installed one).
+        """
         if path is None:
             path = DEFAULT_MODEL_DIR
             if not (path / "config.json").is_file():
                 raise CheckpointError(f"the bundled default model is missing from {path}; pass a model directory")
-        return cls(load_model(path, device, encoder_weights, allow_download), device)
+        return cls(load_model(path, device, encoder_weights, allow_download), device, runtime)
 
     @property
     def name(self) -> str:
@@ -118,7 +125,7 @@ class Captioner:
         if batch.size(0) == 0:
             return []
         with torch.inference_mode():
-            grid = self.model.encoder(batch.to(self.device, non_blocking=True))
+            grid = self.encode(batch.to(self.device, non_blocking=True))
             results = decode(self.model.decoder, grid.float(), self.vocab, options)
         return [
             [Caption(self.vocab.decode(h.tokens), [self.vocab.words[t] for t in h.tokens], h.log_prob, h.score)

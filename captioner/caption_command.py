@@ -38,6 +38,7 @@ from captioner.batch import (
 from captioner.decoding import OPTION_SPECS, OptionSpec, parse_option
 from captioner.distributed import Launch
 from captioner.errors import CaptionerError
+from captioner.runtime import RUNTIME_CHOICES
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
@@ -107,6 +108,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
                         help="image-loading processes (default: min(4, CPU cores); 0: load in the main process)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
+                        help="encoder runtime (default: auto, the fastest installed; torch is the reference)")
     parser.add_argument("--resume", action="store_true",
                         help="skip images already in --out (jsonl/csv) and append the rest")
     parser.add_argument("--shard", type=_shard, default=None, metavar="I/N",
@@ -164,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             paths = shard.select(paths)
         completed = read_completed(out, fmt, args.num_captions or 1) if args.resume else Completed()
         todo = completed.remaining(paths)
-        captioner = Captioner.load(args.model, device=device)
+        captioner = Captioner.load(args.model, device=device, runtime=args.runtime)
         options = captioner.options(
             strategy=args.strategy, beam_size=args.beam_size, max_length=args.max_length,
             num_captions=args.num_captions, length_penalty=args.length_penalty,

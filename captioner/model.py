@@ -75,7 +75,8 @@ class SoftAttention(nn.Module):
         """Context (B * G, C) and weights (B * G, N) for queries ``hidden`` (B * G, H) over ``features`` (B, N, C)."""
         images = features.size(0)
         query = self.query(hidden).view(images, -1, 1, keys.size(2))  # (B, G, 1, A)
-        scores = self.score(torch.tanh(keys.unsqueeze(1) + query)).squeeze(3)  # (B, G, N)
+        energy = keys.unsqueeze(1) + query  # (B, G, N, A): the largest tensor of a decoding step
+        scores = self.score(energy.tanh_()).squeeze(3)  # (B, G, N); tanh in place, so one such tensor, not two
         alpha = scores.softmax(dim=2)
         context = torch.bmm(alpha, features)  # (B, G, C)
         return context.flatten(0, 1), alpha.flatten(0, 1)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from captioner.runtime import RUNTIME_CHOICES
+
 log = logging.getLogger("service.cli")
 
 
@@ -22,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--device", default=None, help="torch device (default: $CAPTIONER_DEVICE, else auto)")
     parser.add_argument("--no-batching", action="store_true", help="caption each request on its own")
+    parser.add_argument("--runtime", default=None, choices=RUNTIME_CHOICES,
+                        help="encoder runtime (default: $CAPTIONER_RUNTIME, else auto: the fastest installed)")
     parser.set_defaults(run=run)
 
 
@@ -37,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         config["device"] = args.device
     if args.no_batching:
         config["batching"] = False
+    if args.runtime is not None:
+        config["runtime"] = args.runtime
     app = create_app(config)
     log.info("serving on http://%s:%d/ (development server; use gunicorn in production)", args.host, args.port)
     run_simple(args.host, args.port, app, threaded=True, use_reloader=False, use_debugger=False)

@@ -42,6 +42,7 @@ class Settings:
     request_timeout_s: float = 30.0
     torch_threads: int = 0
     load_in_background: bool = True
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
         positive = ("max_upload_bytes", "max_batch_upload_bytes", "max_pixels", "max_batch_files", "batch_max_size")
@@ -50,6 +51,10 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_max_wait_ms < 0 or self.request_timeout_s <= 0 or self.torch_threads < 0:
             raise ValueError("batch_max_wait_ms and torch_threads must be >= 0, request_timeout_s > 0")
+        from captioner.runtime import AUTO, RUNTIMES
+
+        if self.runtime not in (AUTO, *RUNTIMES):
+            raise ValueError(f"runtime must be one of {', '.join((AUTO, *RUNTIMES))}, got {self.runtime!r}")
 
     @property
     def resolved_device(self) -> str:
@@ -86,6 +91,8 @@ SETTINGS: tuple[Setting, ...] = (
             "torch intra-op threads per worker; 0: torch's default (gunicorn.conf.py sets cores / workers)"),
     Setting("load_in_background", "CAPTIONER_LOAD_IN_BACKGROUND", True,
             "load the model in a thread so /healthz answers at once (/readyz is 503 until it is warm)"),
+    Setting("runtime", "CAPTIONER_RUNTIME", "auto",
+            "encoder runtime: auto (the fastest installed of openvino, onnxruntime), torch, openvino, onnxruntime"),
 )
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -71,7 +71,9 @@ class Engine:
         try:
             if settings.torch_threads:
                 torch.set_num_threads(settings.torch_threads)
-            captioner = Captioner.load(settings.model, device=settings.resolved_device, allow_download=False)
+            captioner = Captioner.load(
+                settings.model, device=settings.resolved_device, allow_download=False, runtime=settings.runtime
+            )
             self._warm_up(captioner)
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,6 +64,19 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_runtime_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Exported encoder graphs (captioner.runtime) go to a session directory, not the user's ~/.cache; child
+    processes (the CLI, gunicorn) inherit it."""
+    previous = os.environ.get("CAPTIONER_CACHE_DIR")
+    os.environ["CAPTIONER_CACHE_DIR"] = str(tmp_path_factory.mktemp("captioner-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("CAPTIONER_CACHE_DIR", None)
+    else:
+        os.environ["CAPTIONER_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

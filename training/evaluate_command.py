@@ -19,6 +19,7 @@ from captioner.api import Captioner
 from captioner.atomic import atomic_write_text
 from captioner.caption_command import add_decoding_arguments
 from captioner.errors import CaptionerError
+from captioner.runtime import RUNTIME_CHOICES
 from training.data import CaptionDataset, load_coco
 from training.evaluation import (
     DEFAULT_METRICS,
@@ -51,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="image-loading processes (0: load in this one)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
+                        help="encoder runtime (default: auto, the fastest installed; torch is the reference)")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS),
                         choices=[*METRIC_KEYS, *UNSUPPORTED_METRICS])
     parser.add_argument("--python-tokenizer", action="store_true",
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             details["results"] = str(args.results.resolve())
         else:
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            captioner = Captioner.load(args.model, device=device)
+            captioner = Captioner.load(args.model, device=device, runtime=args.runtime)
             options = captioner.options(
                 strategy=args.strategy, beam_size=args.beam_size, max_length=args.max_length, num_captions=1,
                 length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,

@@ -22,6 +22,7 @@ from captioner.atomic import AtomicFile, atomic_write_text
 from captioner.encoder import Encoder
 from captioner.image_loader import make_loader
 from captioner.preprocess import PreprocessConfig
+from captioner.runtime import AUTO, load_runtime
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -99,8 +100,9 @@ def _compute(
 ) -> None:
     entry.mkdir(parents=True, exist_ok=True)
     encoder = encoder.to(device).eval()
+    encode = load_runtime(encoder, config.size, AUTO, device)  # the fastest installed runtime; grids match torch's
     with torch.inference_mode():
-        probe = encoder(torch.zeros(1, 3, config.size, config.size, device=device))
+        probe = encode(torch.zeros(1, 3, config.size, config.size, device=device))
     shape = (len(paths), *probe.shape[1:])
     file = AtomicFile(entry / "features.bin")  # published whole, only once every row is written
     features = np.memmap(file.tmp, dtype=dtype, mode="w+", shape=shape)
@@ -114,7 +116,7 @@ def _compute(
             failed += [row + i for i, error in enumerate(batch.errors) if error is not None]
             if batch.images is not None:
                 images = batch.images.flip(-1) if mirrored else batch.images
-                features[good] = encoder(images.to(device)).float().cpu().numpy().astype(dtype)
+                features[good] = encode(images.to(device)).float().cpu().numpy().astype(dtype)
             row += len(batch)
             bar.update(len(batch))
     features.flush()
