@@ -21,6 +21,7 @@ from captioner.api import DEFAULT_MODEL_DIR
 from captioner.checkpoint import read_config
 from captioner.errors import CheckpointError
 from service import metrics
+from service.auth import register_auth
 from service.config import Settings, load_settings
 from service.engine import Engine
 from service.errors import register_error_handlers
@@ -45,6 +46,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions[ENGINE_KEY] = engine
     register_error_handlers(app)
     _register_request_hooks(app)
+    register_auth(app, settings)  # after the request hooks: a 401 has its request id and is counted
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     engine.start()

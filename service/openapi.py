@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.auth import add_security
 from service.config import Settings
 from service.params import BEAM_SIZE, DEFAULT_STRATEGY, IMAGE_FIELD, MAX_LENGTH, NUM_CAPTIONS, STRATEGIES
 
@@ -193,4 +194,4 @@ def build_spec(settings: Settings, server_url: str | None = None) -> dict:
     }
     if server_url:
         spec["servers"] = [{"url": server_url}]
-    return spec
+    return add_security(spec, settings)
