@@ -11,7 +11,7 @@ off), so each worker loads its own model, warms it up, and only then reports rea
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,20 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.register_blueprint(blueprint)
     engine.start()
     return app
+
+
+def wait_until_ready(app: Flask, alive: Callable[[], bool] = lambda: True, poll_s: float = 0.5) -> bool:
+    """Block until the app's model is loaded and warm (True), its loading failed, or ``alive()`` turns false.
+
+    gunicorn.conf.py calls it in each worker before the worker accepts connections.
+    """
+    engine: Engine = app.extensions[ENGINE_KEY]
+    while alive():
+        if engine.wait_ready(poll_s):
+            return True
+        if engine.error:
+            return False
+    return False
 
 
 def _check_model_dir(settings: Settings) -> None:
