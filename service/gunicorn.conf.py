@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +23,8 @@ workers = int(os.environ.get("CAPTIONER_WORKERS", "2"))
 worker_class = "gthread"
 threads = int(os.environ.get("CAPTIONER_THREADS", "16"))
 timeout = int(os.environ.get("CAPTIONER_WORKER_TIMEOUT", "60"))  # a worker silent this long is restarted
-# A booting worker (imports, model load, warm-up) sends heartbeats, so a slow load is not taken for a hung worker;
-# one still booting after this long is left to the timeout above.
-boot_timeout = float(os.environ.get("CAPTIONER_WORKER_BOOT_TIMEOUT", "600"))
+# The timeout counts from a worker's first heartbeat, which gunicorn (27) sends when the worker enters its request
+# loop: a slow model load at boot is not taken for a hung worker (tests/test_service_workers.py pins this).
 graceful_timeout = int(os.environ.get("CAPTIONER_GRACEFUL_TIMEOUT", "30"))  # in-flight requests finish on SIGTERM
 keepalive = int(os.environ.get("CAPTIONER_KEEPALIVE", "5"))
 max_requests = int(os.environ.get("CAPTIONER_MAX_REQUESTS", "0"))  # > 0 recycles workers (with jitter)
@@ -61,17 +58,8 @@ def on_starting(server: Any) -> None:
 
 def post_fork(server: Any, worker: Any) -> None:
     """Each worker's torch gets its share of the cores (unless CAPTIONER_TORCH_THREADS is set), so workers do not
-    fight over them; runs in the new worker before it loads the app. Starts the boot heartbeat."""
+    fight over them; runs in the new worker before it loads the app."""
     os.environ.setdefault("CAPTIONER_TORCH_THREADS", str(max(1, _cpus // max(1, server.cfg.workers))))
-    worker.captioner_booted = threading.Event()
-    threading.Thread(target=_boot_heartbeat, args=(worker,), name="boot-heartbeat", daemon=True).start()
-
-
-def _boot_heartbeat(worker: Any) -> None:
-    """Tell the master this worker is alive while it boots (gunicorn's own heartbeat starts with its request loop)."""
-    deadline = time.monotonic() + boot_timeout
-    while not worker.captioner_booted.wait(1.0) and time.monotonic() < deadline:
-        worker.notify()
 
 
 def post_worker_init(worker: Any) -> None:
@@ -80,10 +68,7 @@ def post_worker_init(worker: Any) -> None:
     crash or a max_requests recycle, the other workers serve everything instead of it answering 503 not_ready."""
     from service.app import wait_until_ready
 
-    try:
-        wait_until_ready(worker.wsgi, alive=lambda: worker.alive)
-    finally:
-        worker.captioner_booted.set()
+    wait_until_ready(worker.wsgi, alive=lambda: worker.alive)
 
 
 def child_exit(server: Any, worker: Any) -> None:
