@@ -41,6 +41,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     _check_model_dir(settings)
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    app.config["MAX_FORM_PARTS"] = settings.max_form_parts
     app.json.sort_keys = False  # type: ignore[attr-defined]
     engine = Engine(settings)
     app.extensions[ENGINE_KEY] = engine

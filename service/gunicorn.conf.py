@@ -58,8 +58,11 @@ def on_starting(server: Any) -> None:
 
 def post_fork(server: Any, worker: Any) -> None:
     """Each worker's torch gets its share of the cores (unless CAPTIONER_TORCH_THREADS is set), so workers do not
-    fight over them; runs in the new worker before it loads the app."""
+    fight over them; runs in the new worker before it loads the app. Errors gunicorn answers itself are JSON."""
     os.environ.setdefault("CAPTIONER_TORCH_THREADS", str(max(1, _cpus // max(1, server.cfg.workers))))
+    from service.errors import install_gunicorn_json_errors
+
+    install_gunicorn_json_errors()
 
 
 def post_worker_init(worker: Any) -> None:
