@@ -22,6 +22,7 @@ from service import metrics
 from service.batching import BatchResult, MicroBatcher, Ticket, caption_mixed
 from service.config import Settings
 from service.errors import ApiError
+from service.memory import BudgetTimeout, PixelBudget, decode_cost
 
 log = logging.getLogger("service.engine")
 
@@ -67,6 +68,7 @@ class Engine:
         self._started = False
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()  # batching off: serialises model calls
+        self.decode_budget = PixelBudget(settings.pixel_budget)  # bounds the memory of concurrent decodes
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -151,11 +153,17 @@ class Engine:
         started = time.perf_counter()
         try:
             image = open_image(data, max_pixels=self.settings.max_pixels)
-            image_format, (width, height) = image.format, image.size
-            if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
-                width, height = height, width
-            rgb = load_image(image, captioner.preprocess_config, max_pixels=self.settings.max_pixels)
-            tensor = to_tensor(rgb, captioner.preprocess_config)
+            # From here on the image may be decoded (a PNG's getexif() decodes it all): within the pixel budget.
+            with self.decode_budget.hold(decode_cost(image, captioner.preprocess_config.size),
+                                         timeout=self.settings.request_timeout_s):
+                image_format, (width, height) = image.format, image.size
+                if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+                    width, height = height, width
+                rgb = load_image(image, captioner.preprocess_config, max_pixels=self.settings.max_pixels)
+                tensor = to_tensor(rgb, captioner.preprocess_config)
+        except BudgetTimeout as exc:
+            raise ApiError(503, "timeout", f"the worker is busy decoding other images: {exc}",
+                           {"Retry-After": "1"}) from None
         except NotAnImageError as exc:
             signature = known_signature(data)
             if signature:  # Pillow gave up, but the bytes say which format it is: a damaged file, not a non-image
