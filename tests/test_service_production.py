@@ -8,19 +8,28 @@ import re
 import signal
 import socket
 import statistics
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from production_stack import ProductionStack, SlowClients, alive, descendants
+from production_stack import CAPTIONER, ProductionStack, SlowClients, alive, descendants
 from upload_corpus import jpeg, multipart
 
 from service.production import nginx_binary
 
-pytestmark = pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed (apt-get install nginx)")
+needs_nginx = pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed (apt-get install nginx)")
 
 CAPTION = "/v1/captions?strategy=greedy&max_length=3"
+
+
+def test_bad_bind_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = subprocess.run([str(CAPTIONER), "serve", "--production", "--bind", "no-port"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and ("HOST:PORT" in lines[0] or "nginx is not installed" in lines[0]), result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +63,14 @@ def _raw(stack: ProductionStack, data: bytes) -> tuple[int, str, bytes]:
     return int(lines[0].split()[1]), content_type, body
 
 
+@needs_nginx
 def test_serves_through_nginx(stack: ProductionStack) -> None:
     _caption(stack)
     status, body = stack.request("GET", "/readyz")
     assert status == 200 and b"ready" in body
 
 
+@needs_nginx
 @pytest.mark.parametrize(("data", "status", "code"), [
     (b"GARBAGE\r\n\r\n", 400, "bad_request"),
     (b"GET /" + b"a" * 40000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
@@ -74,6 +85,7 @@ def test_errors_nginx_answers_are_json(stack: ProductionStack, data: bytes, stat
     assert f'"code": "{code}"'.encode() in body, body[:300]
 
 
+@needs_nginx
 def test_app_errors_pass_through_nginx(stack: ProductionStack) -> None:
     request = multipart([("image", "a.jpg", jpeg(), "image/jpeg")] + [(f"f{i}", None, b"x", None) for i in range(100)])
     status, body = stack.request("POST", request.path, request.body, request.all_headers())
@@ -82,6 +94,7 @@ def test_app_errors_pass_through_nginx(stack: ProductionStack) -> None:
     assert status == 404 and b"not_found" in body
 
 
+@needs_nginx
 def test_slow_clients_do_not_starve_the_service(stack: ProductionStack) -> None:
     """64 slow-header and 16 slow-body connections for 15 s: a normal client's median latency stays within 2x its
     idle median, and /readyz answers throughout (the 60 s version is benchmarks/hardening.py slow-clients)."""
@@ -99,6 +112,7 @@ def test_slow_clients_do_not_starve_the_service(stack: ProductionStack) -> None:
     assert statistics.median(loaded) <= 2 * idle, (statistics.median(loaded), idle)
 
 
+@needs_nginx
 def test_sigterm_stops_nginx_and_gunicorn_together(tiny_model_dir: Path, tmp_path: Path) -> None:
     stack = ProductionStack(tiny_model_dir, tmp_path)
     try:
@@ -117,6 +131,7 @@ def test_sigterm_stops_nginx_and_gunicorn_together(tiny_model_dir: Path, tmp_pat
     assert not prefix.exists(), "the temporary nginx prefix was left behind"
 
 
+@needs_nginx
 def test_when_gunicorn_dies_the_stack_stops(tiny_model_dir: Path, tmp_path: Path) -> None:
     stack = ProductionStack(tiny_model_dir, tmp_path)
     try:
