@@ -11,7 +11,7 @@ off), so each worker loads its own model, warms it up, and only then reports rea
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from captioner.api import DEFAULT_MODEL_DIR
 from captioner.checkpoint import read_config
 from captioner.errors import CheckpointError
 from service import metrics
+from service.auth import register_auth
 from service.config import Settings, load_settings
 from service.engine import Engine
 from service.errors import register_error_handlers
@@ -40,15 +41,31 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     _check_model_dir(settings)
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    app.config["MAX_FORM_PARTS"] = settings.max_form_parts
     app.json.sort_keys = False  # type: ignore[attr-defined]
     engine = Engine(settings)
     app.extensions[ENGINE_KEY] = engine
     register_error_handlers(app)
     _register_request_hooks(app)
+    register_auth(app, settings)  # after the request hooks: a 401 has its request id and is counted
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     engine.start()
     return app
+
+
+def wait_until_ready(app: Flask, alive: Callable[[], bool] = lambda: True, poll_s: float = 0.5) -> bool:
+    """Block until the app's model is loaded and warm (True), its loading failed, or ``alive()`` turns false.
+
+    gunicorn.conf.py calls it in each worker before the worker accepts connections.
+    """
+    engine: Engine = app.extensions[ENGINE_KEY]
+    while alive():
+        if engine.wait_ready(poll_s):
+            return True
+        if engine.error:
+            return False
+    return False
 
 
 def _check_model_dir(settings: Settings) -> None:

@@ -26,10 +26,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-batching", action="store_true", help="caption each request on its own")
     parser.add_argument("--runtime", default=None, choices=RUNTIME_CHOICES,
                         help="encoder runtime (default: $CAPTIONER_RUNTIME, else auto: the fastest installed)")
+    parser.add_argument("--production", action="store_true",
+                        help="run the production stack instead: nginx on --bind in front of gunicorn (needs nginx)")
+    parser.add_argument("--bind", default=None,
+                        help="HOST:PORT of --production (default: $CAPTIONER_BIND, else 0.0.0.0:8000)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.production:
+        from service.production import run_command
+
+        return run_command(args)
     from werkzeug.serving import run_simple
 
     from service.app import create_app

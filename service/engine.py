@@ -16,10 +16,11 @@ from PIL import Image
 
 from captioner.api import Captioner
 from captioner.decoding import DecodingOptions
-from captioner.preprocess import PreparedImage, prepare_image, to_tensor
+from captioner.preprocess import PreparedImage, open_image, prepare_image, to_tensor
 from service import metrics
 from service.config import Settings
 from service.errors import ApiError
+from service.memory import BudgetTimeout, PixelBudget, decode_cost
 from service.microbatch import BatchResult, MicroBatcher, Ticket
 
 log = logging.getLogger("service.engine")
@@ -44,6 +45,7 @@ class Engine:
         self._started = False
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()  # batching off: serialises model calls
+        self.decode_budget = PixelBudget(settings.pixel_budget)  # bounds the memory of concurrent decodes
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -128,7 +130,15 @@ class Engine:
         """Read and resize an upload with the library's one image path (raises its image errors for bad bytes)."""
         captioner = self.require()
         started = time.perf_counter()
-        prepared = prepare_image(data, captioner.preprocess_config, max_pixels=self.settings.max_pixels)
+        # The header is read first (cheap); the decode itself runs within the worker's pixel budget, which bounds
+        # the memory of concurrent decodes (a PNG's getexif() already decodes it all, so it is inside too).
+        cost = decode_cost(open_image(data, max_pixels=self.settings.max_pixels), captioner.preprocess_config.size)
+        try:
+            with self.decode_budget.hold(cost, timeout=self.settings.request_timeout_s):
+                prepared = prepare_image(data, captioner.preprocess_config, max_pixels=self.settings.max_pixels)
+        except BudgetTimeout as exc:
+            raise ApiError(503, "timeout", f"the worker is busy decoding other images: {exc}",
+                           {"Retry-After": "1"}) from None
         elapsed = time.perf_counter() - started
         metrics.PREPROCESS.observe(elapsed)
         return TimedImage(prepared.tensor, prepared.format, prepared.width, prepared.height, elapsed * 1000.0)

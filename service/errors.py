@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import traceback
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -22,7 +24,10 @@ _HTTP_CODES = {
     413: "payload_too_large",
     414: "uri_too_long",
     415: "unsupported_media_type",
+    417: "expectation_failed",
     431: "headers_too_large",
+    500: "internal_error",
+    501: "not_implemented",
 }
 
 
@@ -87,6 +92,51 @@ def drain_body() -> None:
         pass
 
 
+def _too_large(exc: HTTPException) -> ApiError:
+    """Which limit a 413 hit: Werkzeug raises the same exception for the body size, the number of multipart parts
+    and the size of a form text field, so the frame that raised it tells them apart."""
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    raised_in = frames[-1].name if frames else ""
+    if raised_in == "next_event":  # werkzeug.sansio.multipart.MultipartDecoder counting parts
+        return ApiError(413, "too_many_parts",
+                        f"the form has more than {request.max_form_parts} parts (files and fields)")
+    if raised_in in ("receive_data", "parse"):  # the multipart decoder / parser measuring a text field
+        return ApiError(413, "form_field_too_large",
+                        f"a form text field is larger than the limit of {request.max_form_memory_size} bytes")
+    limit = request.max_content_length
+    message = f"request body is larger than the limit of {limit} bytes" if limit else "request body is too large"
+    return ApiError(413, "payload_too_large", message)
+
+
+def write_gunicorn_error(sock: object, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's ``util.write_error`` with the API's JSON error body instead of an HTML page: gunicorn answers
+    malformed requests itself (bad Content-Length or chunking 400, request line over 414, headers over 431) before
+    Flask sees them. ``service/gunicorn.conf.py`` installs it in each worker."""
+    from gunicorn import util
+
+    error = {"code": _HTTP_CODES.get(status_int, "bad_request"), "message": mesg or reason}
+    body = json.dumps({"error": error}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nX-Content-Type-Options: nosniff\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+def install_gunicorn_json_errors() -> None:
+    """Make this gunicorn worker write :func:`write_gunicorn_error`'s JSON for the errors it answers itself."""
+    from gunicorn import util
+
+    util.write_error = write_gunicorn_error
+
+
+def _is_malformed_body(exc: Exception) -> bool:
+    """Whether ``exc`` is gunicorn's parser refusing the request body (only under gunicorn)."""
+    try:
+        from gunicorn.http.errors import ParseException
+    except ImportError:  # pragma: no cover - gunicorn is a dependency
+        return False
+    return isinstance(exc, ParseException)
+
+
 def register_error_handlers(app: Flask) -> None:
     """Turn every error, expected or not, into the JSON error shape; unexpected ones are logged as 500s."""
 
@@ -103,9 +153,8 @@ def register_error_handlers(app: Flask) -> None:
         status = exc.code or 500
         message = exc.description or exc.name
         if status == 413:
-            limit = request.max_content_length
-            message = f"request body is larger than the limit of {limit} bytes" if limit else message
             drain_body()
+            return error_response(_too_large(exc))
         if status == 405:
             allowed = exc.get_response().headers.get("Allow", "")
             message = f"method {request.method} is not allowed here; allowed: {allowed}"
@@ -118,5 +167,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
+        if _is_malformed_body(exc):  # gunicorn found the body's framing broken (bad chunk size...) while Flask read it
+            response = error_response(ApiError(400, "bad_request", f"malformed request body: {exc}"))
+            response.headers["Connection"] = "close"  # the rest of the stream cannot be parsed
+            return response
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(ApiError(500, "internal_error", "internal server error; see the server log"))

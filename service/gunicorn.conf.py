@@ -23,9 +23,13 @@ workers = int(os.environ.get("CAPTIONER_WORKERS", "2"))
 worker_class = "gthread"
 threads = int(os.environ.get("CAPTIONER_THREADS", "16"))
 timeout = int(os.environ.get("CAPTIONER_WORKER_TIMEOUT", "60"))  # a worker silent this long is restarted
+# The timeout counts from a worker's first heartbeat, which gunicorn (27) sends when the worker enters its request
+# loop: a slow model load at boot is not taken for a hung worker (tests/test_service_workers.py pins this).
 graceful_timeout = int(os.environ.get("CAPTIONER_GRACEFUL_TIMEOUT", "30"))  # in-flight requests finish on SIGTERM
 keepalive = int(os.environ.get("CAPTIONER_KEEPALIVE", "5"))
-max_requests = int(os.environ.get("CAPTIONER_MAX_REQUESTS", "0"))  # > 0 recycles workers (with jitter)
+# Workers are recycled (one at a time, thanks to the jitter; a new worker takes requests only once its model is
+# ready) so that whatever memory a long run leaves behind is returned. 0 turns recycling off.
+max_requests = int(os.environ.get("CAPTIONER_MAX_REQUESTS", "20000"))
 max_requests_jitter = max_requests // 10
 preload_app = False
 worker_tmp_dir = "/dev/shm" if Path("/dev/shm").is_dir() else None
@@ -56,8 +60,22 @@ def on_starting(server: Any) -> None:
 
 def post_fork(server: Any, worker: Any) -> None:
     """Each worker's torch gets its share of the cores (unless CAPTIONER_TORCH_THREADS is set), so workers do not
-    fight over them; runs in the new worker before it loads the app."""
+    fight over them; runs in the new worker before it loads the app. Errors gunicorn answers itself are JSON."""
     os.environ.setdefault("CAPTIONER_TORCH_THREADS", str(max(1, _cpus // max(1, server.cfg.workers))))
+    from service.errors import install_gunicorn_json_errors
+    from service.memory import limit_malloc_arenas
+
+    install_gunicorn_json_errors()
+    limit_malloc_arenas(int(os.environ.get("MALLOC_ARENA_MAX", "2")))
+
+
+def post_worker_init(worker: Any) -> None:
+    """Accept no request before this worker's model is loaded and warm: the worker enters its request loop (and
+    starts taking connections from the shared socket) only after this returns, so while it boots, e.g. after a
+    crash or a max_requests recycle, the other workers serve everything instead of it answering 503 not_ready."""
+    from service.app import wait_until_ready
+
+    wait_until_ready(worker.wsgi, alive=lambda: worker.alive)
 
 
 def child_exit(server: Any, worker: Any) -> None:

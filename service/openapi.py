@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from captioner.decoding import OPTION_SPECS, OptionSpec
+from service.auth import add_security
 from service.config import Settings
 from service.params import IMAGE_FIELD
 
@@ -197,4 +198,4 @@ def build_spec(settings: Settings, server_url: str | None = None) -> dict:
     }
     if server_url:
         spec["servers"] = [{"url": server_url}]
-    return spec
+    return add_security(spec, settings)

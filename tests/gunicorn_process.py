@@ -45,7 +45,7 @@ class GunicornServer:
 
     def __init__(
         self, model_dir: str | Path | None, log_dir: Path, workers: int = 1, threads: int = 4,
-        env: dict[str, str] | None = None, graceful_timeout: int = 10,
+        env: dict[str, str] | None = None, graceful_timeout: int = 10, app: str = "service.app:create_app()",
     ) -> None:
         self.port = free_port()
         self.host = "127.0.0.1"
@@ -61,7 +61,7 @@ class GunicornServer:
         command = [
             sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "-b", f"{self.host}:{self.port}",
             "-w", str(workers), "--threads", str(threads), "--graceful-timeout", str(graceful_timeout),
-            "service.app:create_app()",
+            app,
         ]
         self._stdout = open(self.stdout_path, "wb")  # noqa: SIM115 - closed in stop()
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115

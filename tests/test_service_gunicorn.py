@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -156,6 +158,68 @@ def test_chunked_body_over_the_limit_is_413(server: GunicornServer, kind: str) -
         assert b"payload_too_large" in response.read()
     finally:
         connection.close()
+    _good(server)
+
+
+def raw_exchange(host: str, port: int, data: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read the whole answer (the server closes): status, lower-case headers, body."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+# Requests gunicorn refuses before Flask sees them: each answer is the API's JSON error, not an HTML page.
+MALFORMED = {
+    "bad_content_length": (b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n", 400),
+    "two_content_lengths": (b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n"
+                            b"\r\nab", 400),
+    "bad_chunk_size": (b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    "uri_too_long": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    "too_many_headers": (b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(150))
+                         + b"\r\n", 431),
+    "header_too_large": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 9000 + b"\r\n\r\n", 431),
+    "bad_request_line": (b"GARBAGE\r\n\r\n", 400),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_errors_gunicorn_answers_itself_are_json(server: GunicornServer, name: str) -> None:
+    data, status = MALFORMED[name]
+    got, headers, body = raw_exchange(server.host, server.port, data)
+    assert got == status, body[:200]
+    assert headers["content-type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert set(error) == {"code", "message"} and error["code"] and error["message"]
+    _good(server)
+
+
+def test_too_many_form_parts_get_an_accurate_413(server: GunicornServer) -> None:
+    """1,001 small form fields (about 129 kB, far under the body limit): the message names the parts limit."""
+    fields = [(f"f{i}", None, b"x" * 20, None) for i in range(1001)]
+    request = multipart([("image", "a.jpg", jpeg(), "image/jpeg"), *fields])
+    assert len(request.body) < 200_000
+    response = server.request("POST", request.path, request.body, request.all_headers())
+    assert response.status == 413
+    error = response.json()["error"]
+    assert error["code"] == "too_many_parts" and "64 parts" in error["message"], error
+    assert "body" not in error["message"]
+    _good(server)
+
+
+def test_oversized_form_field_gets_an_accurate_413(server: GunicornServer) -> None:
+    """A 600 kB text field in a 610 kB body (under the 10 MiB body limit): the message names the field limit."""
+    request = multipart([("image", "a.jpg", jpeg(), "image/jpeg"), ("strategy", None, b"g" * 600_000, None)])
+    response = server.request("POST", request.path, request.body, request.all_headers())
+    assert response.status == 413
+    error = response.json()["error"]
+    assert error["code"] == "form_field_too_large" and "500000 bytes" in error["message"], error
     _good(server)
 
 

@@ -76,8 +76,12 @@ async function caption() {
   $("captions").replaceChildren();
   $("timing").textContent = "";
   try {
-    const response = await fetch(`/v1/captions?${query}`, { method: "POST", body, signal: controller.signal });
+    const headers = {};
+    const key = $("api-key").value.trim();
+    if (key) headers.Authorization = `Bearer ${key}`;
+    const response = await fetch(`/v1/captions?${query}`, { method: "POST", body, headers, signal: controller.signal });
     const data = await response.json();
+    if (response.status === 401) $("api-key-field").hidden = false;  // this server wants an API key: ask for it
     if (!response.ok) {
       setStatus(`Error ${response.status}`);
       showError(data.error ? `${data.error.message} (${data.error.code})` : response.statusText);
