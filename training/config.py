@@ -7,6 +7,7 @@ trained model, so a run can always be reproduced from its own output.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ class DataConfig:
     images: str = ""  # folder the annotation files' file_name entries are relative to
     min_word_count: int = 5
     max_caption_length: int = 30  # longer training captions are truncated (in words)
+    max_images: int = 0  # use only the first N images of each split (a quick trial run); 0: all
 
 
 @dataclass
@@ -150,7 +152,9 @@ def _apply(config: Config, data: dict[str, Any], source: str) -> None:
         types = {f.name: f.type for f in dataclasses.fields(section)}
         for key, value in values.items():
             if key not in types:
-                raise ValueError(f"{source}: unknown key {section_name}.{key} (known: {', '.join(types)})")
+                close = difflib.get_close_matches(key, types, n=1)  # a typo: name the key that was meant
+                hint = f"did you mean {section_name}.{close[0]}? " if close else ""
+                raise ValueError(f"{source}: unknown key {section_name}.{key} ({hint}known: {', '.join(types)})")
             expected = type(getattr(section, key))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)

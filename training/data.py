@@ -279,7 +279,7 @@ def write_coco(dataset: CaptionDataset, path: str | Path, description: str = "")
             annotations.append({"id": len(annotations) + 1, "image_id": record.image_id, "caption": caption})
     info = {"description": description or "captioner caption annotations"}
     if image_dir is not None:
-        info["image_dir"] = str(image_dir.resolve())
+        info["image_dir"] = os.path.abspath(image_dir)  # as the user typed it: a symlinked folder stays a link
     data = {"info": info, "licenses": [], "type": "captions", "images": images, "annotations": annotations}
     atomic_write_text(path, json.dumps(data, ensure_ascii=False))
     return Path(path)
