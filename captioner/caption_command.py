@@ -141,9 +141,9 @@ def resolve_device(name: str, env: dict[str, str] | None = None) -> torch.device
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
+        raise ValueError(f"--device must be cpu, cuda or cuda:N (or auto), got {name!r}") from exc
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise ValueError(f"--device must be cpu, cuda or cuda:N (or auto), got {name!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda, but CUDA is not available; use --device cpu (or auto)")

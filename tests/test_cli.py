@@ -99,7 +99,7 @@ def test_missing_inputs_fail_before_the_model_loads(tmp_path: Path) -> None:
      "nope.json: No such file or directory"),
     (["prepare", "karpathy", "--json", "nope.json", "--images", ".", "--out", "o"], "captioner prepare karpathy",
      "nope.json: No such file or directory"),
-    (["caption", "x.jpg", "--device", "tpu"], "captioner caption", "--device must be auto, cpu, cuda or cuda:N"),
+    (["caption", "x.jpg", "--device", "tpu"], "captioner caption", "--device must be cpu, cuda or cuda:N (or auto)"),
     (["caption", "--from-list", "nope.txt"], "captioner caption", "nope.txt"),
     (["train", "--set", "train.epochs=abc", "--out", "o"], "captioner train", "train.epochs must be int"),
     (["train", "--set", "nonsense", "--out", "o"], "captioner train", "must look like section.key=value"),

@@ -12,6 +12,7 @@ is a readable, non-empty regular file); they are not decoded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -99,6 +100,13 @@ class CaptionDataset:
     def references(self) -> dict[int, list[str]]:
         """Reference captions by image id, as the metrics take them."""
         return {record.image_id: list(record.captions) for record in self.images}
+
+
+def first_images(dataset: CaptionDataset, max_images: int = 0) -> CaptionDataset:
+    """The dataset cut to its first ``max_images`` images (file order), for quick trial runs; 0 keeps them all."""
+    if max_images <= 0 or len(dataset) <= max_images:
+        return dataset
+    return dataclasses.replace(dataset, images=dataset.images[:max_images])
 
 
 def image_file_problem(path: Path) -> str | None:

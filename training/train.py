@@ -45,9 +45,10 @@ from captioner.model import CaptionDecoder, DecoderConfig, masked_cross_entropy
 from captioner.preprocess import PreprocessConfig, preprocess
 from captioner.vocabulary import Vocabulary
 from training.config import Config
-from training.data import CaptionDataset, load_coco
+from training.data import CaptionDataset, first_images, load_coco
 from training.evaluation import compute_metrics, format_metrics, score_captions
 from training.features import FeatureCache, build_feature_cache
+from training.report import plot_curves
 from training.scst import CiderD, scst_loss
 from training.scst import check_baseline as check_scst_baseline
 
@@ -266,30 +267,6 @@ def _save_last(
     atomic_write_bytes(out / "last" / TRAINER_STATE, buffer.getvalue())
 
 
-def _plot_curves(history: list[dict], path: Path) -> None:
-    """Training loss and validation CIDEr per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [h["epoch"] for h in history]
-    left.plot(epochs, [h["train_loss"] for h in history], marker="o")
-    left.set(xlabel="epoch", ylabel="train loss", title="cross-entropy")
-    evaluated = [h for h in history if "val" in h]
-    for key in ("CIDEr", "BLEU-4"):
-        if evaluated and key in evaluated[0]["val"]:
-            right.plot([h["epoch"] for h in evaluated], [h["val"][key] * 100 for h in evaluated], marker="o", label=key)
-    right.set(xlabel="epoch", ylabel="score x100", title="validation")
-    right.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -330,6 +307,17 @@ def _lr_lambda(config: Config, total_steps: int):  # noqa: ANN202 - LambdaLR fac
     return factor
 
 
+def warn_if_warmup_too_long(warmup_steps: int, total_steps: int) -> bool:
+    """Log a warning (and return True) when the warm-up is longer than the run: the learning rate never reaches
+    train.lr, which a short trial run would otherwise do silently."""
+    if warmup_steps <= total_steps:
+        return False
+    log.warning("train.warmup_steps = %d but the run has only %d optimizer steps: the learning rate never reaches "
+                "train.lr (it peaks at %.0f%% of it); lower it, e.g. --set train.warmup_steps=%d", warmup_steps,
+                total_steps, 100 * total_steps / warmup_steps, max(1, total_steps // 10))
+    return True
+
+
 def train(config: Config, out: str | Path, resume: bool = False) -> Path:
     """Train a model as ``config`` says, writing the run directory ``out``; returns the best model's directory."""
     out = Path(out)
@@ -352,8 +340,8 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
     np.random.seed(config.train.seed)
 
     # --- data and vocabulary (from the training split only)
-    train_set = load_coco(config.data.train_annotations, config.data.images)
-    val_set = load_coco(config.data.val_annotations, config.data.images)
+    train_set = first_images(load_coco(config.data.train_annotations, config.data.images), config.data.max_images)
+    val_set = first_images(load_coco(config.data.val_annotations, config.data.images), config.data.max_images)
     if resume and (out / "last" / "config.json").is_file():
         vocab = Vocabulary.from_json(read_config(out / "last")["vocabulary"])
     else:
@@ -417,6 +405,7 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
         encoder, decoder, vocab, preprocess_config, name=config.output.name, version=config.output.version
     )
     steps_per_epoch = math.ceil(len(pairs) // dist_info.world / config.train.batch_size)
+    warn_if_warmup_too_long(config.train.warmup_steps, steps_per_epoch * config.train.epochs)
     # Polyak averaging: validation and best/ use the moving average of the weights, last/ the trained weights.
     ema = None
     if config.train.ema_decay:
@@ -598,7 +587,7 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
             _save_last(out, model, optimizer, scheduler, progress, ema)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
-            _plot_curves(progress["history"], out / "curves.png")
+            plot_curves(progress["history"], out / "curves.png")
             val_text = " ".join(f"{k}={v * 100:.1f}" for k, v in entry.get("val", {}).items())
             log.info(
                 "epoch %d (%s): loss %.3f, %.0fs %s",
@@ -645,7 +634,7 @@ def final_evaluation(
     metrics = ("bleu", "meteor", "rouge", "cider") if java else ("bleu", "rouge", "cider")
     splits = {"val": (val_set, val_cache)}
     if config.data.test_annotations:
-        test_set = load_coco(config.data.test_annotations, config.data.images)
+        test_set = first_images(load_coco(config.data.test_annotations, config.data.images), config.data.max_images)
         test_cache = build_feature_cache(
             best.encoder, best.preprocess, [r.path for r in test_set.images], config.train.cache_dir,
             config.train.cache_dtype, workers=config.train.workers, device=str(device),
