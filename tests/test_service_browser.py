@@ -150,3 +150,33 @@ def test_docs_page_renders_the_spec(page: object, base_url: str, tmp_path: Path)
     assert page.locator("#createCaption").get_by_text("beam_size").first.is_visible()  # type: ignore[attr-defined]
     page.screenshot(path=str(tmp_path / "docs.png"), full_page=False)  # type: ignore[attr-defined]
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_docs_page_reads_well_and_has_curl_and_python_examples_for_every_route(page: object, base_url: str) -> None:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(base_url + "/openapi.json", timeout=30) as response:
+        spec = json.load(response)
+    page.goto(base_url + "/docs")  # type: ignore[attr-defined]
+    page.wait_for_selector("#createCaption")  # type: ignore[attr-defined]
+    title = page.locator("#title").inner_text()  # type: ignore[attr-defined]
+    assert title.startswith("captioner API") and "API 1" not in title and "version 1" in title, title
+    assert page.title() == "captioner API"  # type: ignore[attr-defined]
+    assert "`" not in page.locator("body").text_content()  # type: ignore[attr-defined]  # backticks became <code>
+    assert page.locator("#description code").count() >= 1  # type: ignore[attr-defined]
+    operations = [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()]
+    assert len(operations) >= 10
+    for path, method, op in operations:
+        block = page.locator(f"#{op['operationId']}".replace(":", "\\:"))  # type: ignore[attr-defined]
+        curl = block.locator("pre.example.curl").text_content()
+        python = block.locator("pre.example.python").text_content()
+        assert curl.startswith("curl ") and f"{base_url}{path}" in curl, (path, curl)
+        assert python.startswith("import requests") and f'requests.{method}("{base_url}{path}' in python, python
+    single = page.locator("#createCaption pre.example.curl").text_content()  # type: ignore[attr-defined]
+    assert single == f'curl -F image=@dog.jpg "{base_url}/v1/captions?num_captions=3"'
+    batch = page.locator("#createCaptionsBatch pre.example.python").text_content()  # type: ignore[attr-defined]
+    assert 'files = [("image", open(name, "rb"))' in batch and "print(response.json())" in batch
+    metrics = page.locator("#metrics pre.example.python").text_content()  # type: ignore[attr-defined]
+    assert metrics.endswith("print(response.text)")
+    assert page.errors == []  # type: ignore[attr-defined]
