@@ -180,3 +180,47 @@ def test_ticker_redraws_the_bar_every_interval() -> None:
     ticks = ticker.ticks
     time.sleep(0.1)
     assert ticker.ticks == ticks  # stopped means stopped
+
+
+@pytest.fixture(scope="module")
+def two_good_one_bad(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("inputs")
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(b"not an image")
+    Image.new("RGB", (40, 30), (40, 200, 40)).save(folder / "c.jpg")
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "coco"])
+def test_failed_inputs_are_named_on_stderr_in_every_format_and_kept_in_input_order(
+    fmt: str, two_good_one_bad: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import csv
+    import json
+
+    out = tmp_path / f"out.{ {'jsonl': 'jsonl', 'csv': 'csv', 'coco': 'json'}[fmt] }"
+    proc = captioner("caption", two_good_one_bad / "c.jpg", two_good_one_bad / "b.jpg", two_good_one_bad / "a.jpg",
+                     "--model", tiny_model_dir, "--out", out, "--workers", "0", "--progress")
+    assert proc.returncode == 1, proc.stderr
+    bad = two_good_one_bad / "b.jpg"
+    assert f"failed: {bad}: not an image" in proc.stderr
+    assert "3/3" in proc.stderr  # --progress: the bar is drawn although stderr is a pipe
+    expected = [str(two_good_one_bad / name) for name in ("a.jpg", "b.jpg", "c.jpg")]  # sorted, errors in place
+    if fmt == "jsonl":
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["image"] for r in records] == expected and "error" in records[1]
+    elif fmt == "csv":
+        with open(out, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert [r["image"] for r in rows] == expected and rows[1]["error"] and not rows[0]["error"]
+    else:
+        assert len(json.loads(out.read_text())) == 2  # a results file has no room for errors: stderr names them
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(two_good_one_bad: Path, tiny_model_dir: Path,
+                                                       tmp_path: Path) -> None:
+    proc = captioner("caption", two_good_one_bad / "a.jpg", "--model", tiny_model_dir, "--out", tmp_path / "o.jsonl",
+                     "--workers", "0")
+    assert proc.returncode == 0 and "1/1" not in proc.stderr and "captioned 1 images" in proc.stderr
