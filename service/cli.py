@@ -14,7 +14,7 @@ EXAMPLES = """\
 examples:
   captioner serve                                  (then open http://127.0.0.1:8000/)
   captioner serve --model runs/flickr8k/best --port 8080
-  curl -F image=@captioner/samples/dog.jpg http://127.0.0.1:8000/v1/captions
+  curl -F image=@captioner/samples/photographer.jpg http://127.0.0.1:8000/v1/captions
 """
 
 
