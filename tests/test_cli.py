@@ -224,3 +224,23 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(two_good_one_bad: Path, t
     proc = captioner("caption", two_good_one_bad / "a.jpg", "--model", tiny_model_dir, "--out", tmp_path / "o.jsonl",
                      "--workers", "0")
     assert proc.returncode == 0 and "1/1" not in proc.stderr and "captioned 1 images" in proc.stderr
+
+
+@pytest.mark.skipif(__import__("shutil").which("java") is None, reason="the PTB tokenizer needs Java")
+def test_evaluate_keeps_the_tokenizer_quiet_unless_on_a_terminal_or_asked(tmp_path: Path) -> None:
+    import json
+
+    annotations = tmp_path / "captions_tiny.json"
+    annotations.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+        "annotations": [{"id": 1, "image_id": 1, "caption": "a dog runs on the grass"},
+                        {"id": 2, "image_id": 2, "caption": "a man rides a bike"}]}))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": 1, "caption": "a dog runs"}, {"image_id": 2, "caption": "a man"}]))
+    args = ["evaluate", "--results", results, "--annotations", annotations, "--metrics", "bleu", "--out-dir",
+            tmp_path / "eval"]
+    quiet = captioner(*args)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "BLEU-1" in quiet.stdout and "PTBTokenizer" not in quiet.stderr
+    loud = captioner(*args, "--progress")
+    assert loud.returncode == 0 and "PTBTokenizer tokenized" in loud.stderr
