@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         module.register(subparsers)
     # --debug works before or after the sub-command; SUPPRESS keeps a sub-parser from resetting it to False.
     for sub in _all_parsers(parser):
+        if sub.description:  # the raw formatter keeps the examples' lines; the prose is wrapped here
+            sub.description = textwrap.fill(sub.description, 78)
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if sub is not parser else False,
                          help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
     return parser
