@@ -38,7 +38,7 @@ from production_stack import ProductionStack, SlowClients  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.memory import peak_growth_bound  # noqa: E402
 
-PHOTO = (REPO / "captioner" / "samples" / "chelsea.jpg").read_bytes()
+PHOTO = (REPO / "captioner" / "samples" / "cat.jpg").read_bytes()
 CAPTION = "/v1/captions"
 JPEG = {"Content-Type": "image/jpeg"}
 

@@ -34,7 +34,7 @@ from gunicorn_process import GunicornServer  # noqa: E402
 
 from captioner.api import DEFAULT_MODEL_DIR, Captioner  # noqa: E402
 
-DEFAULT_IMAGE = REPO / "captioner" / "samples" / "chelsea.jpg"
+DEFAULT_IMAGE = REPO / "captioner" / "samples" / "cat.jpg"
 
 
 def multipart_body(image: bytes, filename: str) -> tuple[bytes, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,13 @@ EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+EXAMPLES = """\
+examples:
+  captioner caption captioner/samples/*.jpg
+  captioner caption photos/ -r --out captions.jsonl --resume
+  captioner caption "photos/**/*.png" -r --num-captions 3 --out captions.csv
+"""
+
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """Decoding flags shared by every command that writes captions: names, ranges and help from the library's
@@ -66,6 +74,12 @@ def _option_parser(spec: OptionSpec) -> Callable[[str], object]:
 
     parse.__name__ = spec.name  # argparse names the type in some messages
     return parse
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``, the same in every command: ``auto`` uses the GPU when there is one, so nobody has to ask."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: auto)")
 
 
 def _positive_int(text: str) -> int:
@@ -93,7 +107,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``caption`` sub-command."""
     parser = subparsers.add_parser(
         "caption", help="caption images: files, folders or globs -> JSON lines, CSV or a COCO results file",
-        description="Caption image files, folders and globs with a streaming, resumable batch engine.",
+        description="Caption image files, folders and globs with a streaming, resumable batch engine. Captions go "
+                    "to stdout or --out (one record per image, in sorted path order, failed images included with "
+                    "an 'error' field); progress, failed images and a summary go to stderr. Exit status: 0 all "
+                    "captioned, 1 some images failed, 2 usage or setup error, 130 interrupted.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("paths", nargs="*", metavar="PATH", help="an image file, a folder or a glob (quote it)")
     parser.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders (and ** in globs)")
@@ -104,10 +122,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="default: from --out's extension (.csv: csv, .json: coco, else jsonl)")
     parser.add_argument("--model", default=None, metavar="DIR", help="model directory (default: the bundled model)")
     add_decoding_arguments(parser)
-    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+                        help="images decoded together; larger is faster on a GPU, uses more memory (default: 32)")
     parser.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
                         help="image-loading processes (default: min(4, CPU cores); 0: load in the main process)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    add_device_argument(parser)
     parser.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
                         help="encoder runtime (default: auto, the fastest installed; torch is the reference)")
     parser.add_argument("--resume", action="store_true",
@@ -115,6 +134,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                         help="caption only share I of N (0 <= I < N); default under torchrun: RANK/WORLD_SIZE")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar; a summary only when images failed")
+    parser.add_argument("--progress", action="store_true",
+                        help="show the progress bar even when stderr is not a terminal (default: only on one)")
     parser.set_defaults(run=run)
 
 
@@ -124,17 +145,20 @@ def _error(message: object) -> int:
 
 
 def resolve_device(name: str, env: dict[str, str] | None = None) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N``; plain ``cuda`` under torchrun means this process' ``cuda:LOCAL_RANK``."""
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``auto`` is ``cuda`` when available, else ``cpu``; plain ``cuda``
+    under torchrun means this process' ``cuda:LOCAL_RANK``."""
     env = dict(os.environ) if env is None else env
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from exc
+        raise ValueError(f"--device must be cpu, cuda or cuda:N (or auto), got {name!r}") from exc
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+        raise ValueError(f"--device must be cpu, cuda or cuda:N (or auto), got {name!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda, but CUDA is not available")
+            raise ValueError("--device cuda, but CUDA is not available; use --device cpu (or auto)")
         if device.index is None and "LOCAL_RANK" in env:
             device = torch.device("cuda", Launch.from_env(env).local_rank)
     return device
@@ -162,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         paths = discover_images(args.paths, args.recursive, args.from_list)
+        problem = _input_problem(paths)
+        if problem:  # before the model loads: a typo should not cost seconds
+            return _error(problem)
         total = len(paths)
         if shard is not None:
             paths = shard.select(paths)
@@ -181,15 +208,15 @@ def run(args: argparse.Namespace) -> int:
 
     workers = default_workers() if args.workers is None else args.workers
     # Progress goes to stderr, and only to a terminal that is not also receiving the captions.
-    show = not args.quiet and sys.stderr.isatty() and not (out is None and sys.stdout.isatty())
+    show = not args.quiet and (args.progress or (sys.stderr.isatty() and not (out is None and sys.stdout.isatty())))
     progress = tqdm(total=len(todo), unit=" images", file=sys.stderr, disable=not show, dynamic_ncols=True)
+    ticker = Ticker(progress) if show else None
 
     def on_batch(records: list[Record]) -> None:
         progress.update(len(records))
-        if fmt == "coco":  # a results file has no room for errors: say them here
-            for record in records:
-                if "error" in record:
-                    progress.write(f"failed: {record['image']}: {record['error']}", file=sys.stderr)
+        for record in records:  # every format: the failed images, by name, as they happen
+            if "error" in record:
+                progress.write(f"failed: {record['image']}: {record['error']}", file=sys.stderr)
 
     start = time.perf_counter()
     try:
@@ -205,12 +232,47 @@ def run(args: argparse.Namespace) -> int:
         writer.abort()
         raise
     finally:
+        if ticker is not None:
+            ticker.stop()
         progress.close()
     seconds = time.perf_counter() - start
     failed = stats.failed + completed.failed
     if failed or not args.quiet:
         print(_summary(stats, completed, total, len(paths), shard, seconds, out, fmt), file=sys.stderr)
     return EXIT_FAILED_IMAGES if failed else 0
+
+
+def _input_problem(paths: list[str]) -> str | None:
+    """Why there is nothing to caption (checked before the model loads), or None."""
+    if not paths:
+        return "the PATHs and lists name no image files (folders are scanned for image extensions; add -r for " \
+               "sub-folders)"
+    if not any(os.path.lexists(path) for path in paths):
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        return f"no such file: {shown}; check the path (quote globs so that the shell leaves them to captioner)"
+    return None
+
+
+class Ticker:
+    """Redraws a progress bar every ``interval`` seconds from a daemon thread while a batch is decoding, so that its
+    elapsed time and rate keep moving between the per-batch updates of the image count."""
+
+    def __init__(self, progress: tqdm, interval: float = 1.0) -> None:
+        self.progress = progress
+        self.interval = interval
+        self.ticks = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-ticker", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.progress.refresh()
+            self.ticks += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _summary(

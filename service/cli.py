@@ -12,17 +12,36 @@ from captioner.runtime import RUNTIME_CHOICES
 
 log = logging.getLogger("service.cli")
 
+EXAMPLES = """\
+examples:
+  captioner serve                                  (then open http://127.0.0.1:8000/)
+  captioner serve --model runs/flickr8k/best --port 8080
+  curl -F image=@captioner/samples/photographer.jpg http://127.0.0.1:8000/v1/captions
+"""
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 1 to 65535, got {value}")
+    return value
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve", help="run the HTTP service for development (production: gunicorn -c service/gunicorn.conf.py)",
         description="Serve the captioning API and web page on Werkzeug's threaded server. Settings not given here "
-                    "come from the CAPTIONER_* environment variables (see the README).",
+                    "come from the CAPTIONER_* environment variables (see the README). The page is at /, the API "
+                    "docs at /docs.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default=None, help="model directory (default: $CAPTIONER_MODEL, else the bundled)")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="model directory (default: $CAPTIONER_MODEL, else the bundled model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--device", default=None, help="torch device (default: $CAPTIONER_DEVICE, else auto)")
+    parser.add_argument("--port", type=_port, default=8000, metavar="N", help="port, 1-65535 (default: 8000)")
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="auto (cuda when available, else cpu), cpu, cuda or cuda:N "
+                             "(default: $CAPTIONER_DEVICE, else auto)")
     parser.add_argument("--no-batching", action="store_true", help="caption each request on its own")
     parser.add_argument("--runtime", default=None, choices=RUNTIME_CHOICES,
                         help="encoder runtime (default: $CAPTIONER_RUNTIME, else auto: the fastest installed)")

@@ -187,7 +187,7 @@ def build_spec(settings: Settings, server_url: str | None = None) -> dict:
     spec: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {
-            "title": "captioner",
+            "title": "captioner API",
             "version": "1",
             "description": "Image captioning: a CNN encoder and an LSTM decoder with attention. Every error is "
                            '`{"error": {"code": ..., "message": ...}}` with its HTTP status; requests carry an '

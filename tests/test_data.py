@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,7 @@ def test_prepare_flickr8k(flickr8k_dir: Path, tmp_path: Path, capsys: pytest.Cap
     assert main(["prepare", "flickr8k", "--root", str(flickr8k_dir), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "captions_train.json: 6000 images, 30000 captions" in out
-    assert f"images: {(flickr8k_dir / 'images').resolve()}" in out
+    assert f"images: {os.path.abspath(flickr8k_dir / 'images')}" in out  # as given: symlinks are not resolved
     for split, size in (("train", 6000), ("dev", 1000), ("test", 1000)):
         dataset = load_coco(tmp_path / f"captions_{split}.json")
         assert len(dataset) == size and dataset.num_captions == 5 * size and dataset.report.problems == 0

@@ -51,6 +51,20 @@ def test_captions_the_sample_photos(captioner: Captioner) -> None:
         assert 3 <= len(words) <= 20 and set(words) <= set(captioner.vocab.words)
 
 
+def test_sample_captions_are_the_ones_the_readme_and_licences_show(captioner: Captioner) -> None:
+    """The README quick start and samples/LICENSES.md quote the model's real output: strengths and the limit."""
+    readme = (DEFAULT_MODEL_DIR.parents[2] / "README.md").read_text()
+    licences = (SAMPLES / "LICENSES.md").read_text()
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    assert [p.name for p in photos] == ["cat.jpg", "lawn.jpg", "photographer.jpg"]
+    captions = {p.name: c[0].text for p, c in zip(photos, captioner.caption(photos), strict=True)}
+    for name, text in captions.items():
+        assert f'"image": "captioner/samples/{name}", "caption": "{text}"' in readme, (name, text)
+        assert f"| `{name}` | {text} |" in licences, (name, text)
+    assert "camera" in captions["photographer.jpg"] and "grass" in captions["lawn.jpg"]  # what it does well
+    assert "cat" not in captions["cat.jpg"].split()  # its limit: no cats in its world
+
+
 def test_captions_flickr8k_test_photos_sensibly(captioner: Captioner, flickr8k_dir: Path) -> None:
     """On held-out photos, most caption words are words the human references use too (unigram precision)."""
     names = sorted(line.strip() for line in (flickr8k_dir / "splits" / "test.txt").read_text().split() if line)[:8]

@@ -210,7 +210,7 @@ def test_packaged_lite0_weights_load_and_classify() -> None:
     net.load_state_dict(encoder_module.efficientnet_pytorch_to_timm(state, [len(s) for s in net.blocks]))
     backbone = BACKBONES["efficientnet_lite0"]
     config = PreprocessConfig(mean=backbone.mean, std=backbone.std, interpolation="bicubic")
-    image = preprocess(Path(__file__).parents[1] / "captioner" / "samples" / "chelsea.jpg", config)
+    image = preprocess(Path(__file__).parents[1] / "captioner" / "samples" / "cat.jpg", config)
     with torch.no_grad():
         grid = encoder(image[None])
         top = net(image[None]).softmax(dim=1)[0].topk(3).indices.tolist()

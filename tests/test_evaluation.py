@@ -155,7 +155,7 @@ def test_evaluate_results_file(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     capsys.readouterr()
     results.write_text(json.dumps([{"image_id": 99, "caption": "x"}]))
     assert main(["evaluate", "--results", str(results), "--annotations", str(annotations), "--out-dir", str(out),
-                 "--python-tokenizer", "--metrics", "bleu"]) == 1
+                 "--python-tokenizer", "--metrics", "bleu"]) == 2  # a usage error: one line, exit 2
     assert "match no annotated image" in capsys.readouterr().err
 
 

@@ -302,7 +302,7 @@ def test_config_sections_are_the_library_types(tmp_path: Path) -> None:
         load_config(None, ["preprocess.mean=[0.5, 0.5, 0.5]"])
     with pytest.raises(ValueError, match=r"--set model.cell=transformer: \[model\] unknown cell"):  # the type's check
         load_config(None, ["model.cell=transformer"])
-    with pytest.raises(ValueError, match="num_captions must be between 1 and 1"):
+    with pytest.raises(ValueError, match="num_captions must be from 1 to 1 with strategy=greedy"):
         load_config(None, ["decoding.strategy=greedy", "decoding.num_captions=2"])
     saved = tmp_path / "saved.toml"
     saved.write_text(both.to_toml())

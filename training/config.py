@@ -12,6 +12,7 @@ not in the file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class DataConfig:
     images: str = ""  # folder the annotation files' file_name entries are relative to
     min_word_count: int = 5
     max_caption_length: int = 30  # longer training captions are truncated (in words)
+    max_images: int = 0  # use only the first N images of each split (a quick trial run); 0: all
 
 
 @dataclass
@@ -156,7 +158,9 @@ def _apply(config: Config, data: dict[str, Any], source: str) -> None:
         changes = {}
         for key, value in values.items():
             if key not in known:
-                raise ValueError(f"{source}: unknown key {section_name}.{key} (known: {', '.join(known)})")
+                close = difflib.get_close_matches(key, known, n=1)  # a typo: name the key that was meant
+                hint = f"did you mean {section_name}.{close[0]}? " if close else ""
+                raise ValueError(f"{source}: unknown key {section_name}.{key} ({hint}known: {', '.join(known)})")
             expected = type(getattr(section, key))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)

@@ -12,6 +12,7 @@ is a readable, non-empty regular file); they are not decoded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -99,6 +100,13 @@ class CaptionDataset:
     def references(self) -> dict[int, list[str]]:
         """Reference captions by image id, as the metrics take them."""
         return {record.image_id: list(record.captions) for record in self.images}
+
+
+def first_images(dataset: CaptionDataset, max_images: int = 0) -> CaptionDataset:
+    """The dataset cut to its first ``max_images`` images (file order), for quick trial runs; 0 keeps them all."""
+    if max_images <= 0 or len(dataset) <= max_images:
+        return dataset
+    return dataclasses.replace(dataset, images=dataset.images[:max_images])
 
 
 def image_file_problem(path: Path) -> str | None:
@@ -279,7 +287,7 @@ def write_coco(dataset: CaptionDataset, path: str | Path, description: str = "")
             annotations.append({"id": len(annotations) + 1, "image_id": record.image_id, "caption": caption})
     info = {"description": description or "captioner caption annotations"}
     if image_dir is not None:
-        info["image_dir"] = str(image_dir.resolve())
+        info["image_dir"] = os.path.abspath(image_dir)  # as the user typed it: a symlinked folder stays a link
     data = {"info": info, "licenses": [], "type": "captions", "images": images, "annotations": annotations}
     atomic_write_text(path, json.dumps(data, ensure_ascii=False))
     return Path(path)

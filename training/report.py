@@ -1,5 +1,6 @@
-"""A self-contained HTML page of an evaluation: the metrics, then a sample of images with generated and reference
-captions. Images are embedded as small base64 JPEG thumbnails, so the page can be moved or mailed on its own.
+"""Reports for people: a training run's ``curves.png`` (:func:`plot_curves`), and a self-contained HTML page of an
+evaluation (:func:`write_report`): the metrics, then a sample of images with generated and reference captions.
+Images are embedded as small base64 JPEG thumbnails, so the page can be moved or mailed on its own.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import random
 from collections.abc import Mapping
 from pathlib import Path
 
-from captioner.atomic import atomic_write_text
+from captioner.atomic import atomic_write_bytes, atomic_write_text
 from captioner.errors import CaptionerError
 from captioner.preprocess import PreprocessConfig, load_image
 from training.data import CaptionDataset
@@ -81,3 +82,54 @@ def write_report(
     """Write :func:`render_report`'s page to ``path`` atomically."""
     atomic_write_text(path, render_report(predictions, dataset, metrics, title, details, sample_size, seed))
     return Path(path)
+
+
+def _readable_axis(axis: object, values: list[float], min_span: float) -> None:
+    """Plain numbers (no 1e-7 offset) and at least ``min_span`` of room, so one or two nearly equal points (a short
+    run) do not fill the axis with noise-level ticks."""
+    axis.ticklabel_format(axis="y", useOffset=False, style="plain")
+    if values:
+        low, high = min(values), max(values)
+        if high - low < min_span:
+            middle = (low + high) / 2
+            axis.set_ylim(middle - min_span / 2, middle + min_span / 2)
+
+
+def plot_curves(history: list[dict], path: str | Path) -> Path:
+    """Training loss and validation scores (x100) per epoch as a PNG, written atomically; readable for a 1-epoch run
+    as for a 50-epoch one: whole-epoch ticks, and a validation axis at least 10 points tall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    losses = [h["train_loss"] for h in history]
+    left.plot(epochs, losses, marker="o")
+    left.set(xlabel="epoch", ylabel="train loss", title="cross-entropy")
+    _readable_axis(left, losses, 0.1)
+    evaluated = [h for h in history if "val" in h]
+    scores: list[float] = []
+    for key in ("CIDEr", "BLEU-4"):
+        if evaluated and key in evaluated[0]["val"]:
+            values = [h["val"][key] * 100 for h in evaluated]
+            scores.extend(values)
+            right.plot([h["epoch"] for h in evaluated], values, marker="o", label=key)
+    right.set(xlabel="epoch", ylabel="score x100", title="validation")
+    _readable_axis(right, scores, 10.0)
+    if scores:
+        right.set_ylim(bottom=max(0.0, right.get_ylim()[0]))  # scores are never negative
+        right.legend()
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if epochs:
+            axis.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=80)
+    plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())
+    return path

@@ -46,9 +46,10 @@ from captioner.model import CaptionDecoder, masked_cross_entropy
 from captioner.preprocess import PreprocessConfig, preprocess
 from captioner.vocabulary import Vocabulary
 from training.config import Config
-from training.data import CaptionDataset, load_coco
+from training.data import CaptionDataset, first_images, load_coco
 from training.evaluation import compute_metrics, format_metrics, score_captions
 from training.features import FeatureCache, build_feature_cache
+from training.report import plot_curves
 from training.scst import CiderD, scst_loss
 from training.scst import check_baseline as check_scst_baseline
 
@@ -287,6 +288,17 @@ def _lr_lambda(config: Config, total_steps: int):  # noqa: ANN202 - LambdaLR fac
     return factor
 
 
+def warn_if_warmup_too_long(warmup_steps: int, total_steps: int) -> bool:
+    """Log a warning (and return True) when the warm-up is longer than the run: the learning rate never reaches
+    train.lr, which a short trial run would otherwise do silently."""
+    if warmup_steps <= total_steps:
+        return False
+    log.warning("train.warmup_steps = %d but the run has only %d optimizer steps: the learning rate never reaches "
+                "train.lr (it peaks at %.0f%% of it); lower it, e.g. --set train.warmup_steps=%d", warmup_steps,
+                total_steps, 100 * total_steps / warmup_steps, max(1, total_steps // 10))
+    return True
+
+
 def make_optimizer(
     config: Config, decoder: nn.Module, encoder: nn.Module, stage: str, steps_per_epoch: int,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -318,8 +330,8 @@ def set_up(config: Config, out: Path, resume: bool) -> Run:
     np.random.seed(config.train.seed)
 
     # --- data and vocabulary (from the training split only)
-    train_set = load_coco(config.data.train_annotations, config.data.images)
-    val_set = load_coco(config.data.val_annotations, config.data.images)
+    train_set = first_images(load_coco(config.data.train_annotations, config.data.images), config.data.max_images)
+    val_set = first_images(load_coco(config.data.val_annotations, config.data.images), config.data.max_images)
     if resume and (out / "last" / "config.json").is_file():
         vocab = Vocabulary.from_json(read_config(out / "last")["vocabulary"])
     else:
@@ -374,6 +386,7 @@ def set_up(config: Config, out: Path, resume: bool) -> Run:
     if config.train.ema_decay:
         ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay), use_buffers=True)
     steps_per_epoch = math.ceil(len(pairs) // launch.world / config.train.batch_size)
+    warn_if_warmup_too_long(config.train.warmup_steps, steps_per_epoch * config.train.epochs)
     progress = {"epoch": 0, "step": 0, "stage": "xe", "best_cider": -1.0, "bad_evals": 0, "history": [], "seconds": 0.0}
     state = None
     if resume and (out / "last" / TRAINER_STATE).is_file():
@@ -534,30 +547,6 @@ def _save_last(run: Run) -> None:
     atomic_write_bytes(run.out / "last" / TRAINER_STATE, buffer.getvalue())
 
 
-def _plot_curves(history: list[dict], path: Path) -> None:
-    """Training loss and validation CIDEr per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [h["epoch"] for h in history]
-    left.plot(epochs, [h["train_loss"] for h in history], marker="o")
-    left.set(xlabel="epoch", ylabel="train loss", title="cross-entropy")
-    evaluated = [h for h in history if "val" in h]
-    for key in ("CIDEr", "BLEU-4"):
-        if evaluated and key in evaluated[0]["val"]:
-            right.plot([h["epoch"] for h in evaluated], [h["val"][key] * 100 for h in evaluated], marker="o", label=key)
-    right.set(xlabel="epoch", ylabel="score x100", title="validation")
-    right.legend()
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=80)
-    plt.close(fig)
-    atomic_write_bytes(path, image.getvalue())
-
-
 def end_of_epoch(run: Run, epoch: int, stage: str, losses: list[float], epoch_start: float) -> bool:
     """Validate when due, keep the best weights, save ``last/`` and the log (rank 0); returns whether to stop early.
 
@@ -609,7 +598,7 @@ def end_of_epoch(run: Run, epoch: int, stage: str, losses: list[float], epoch_st
     _save_last(run)
     with open(run.out / "log.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
-    _plot_curves(progress["history"], run.out / "curves.png")
+    plot_curves(progress["history"], run.out / "curves.png")
     val_text = " ".join(f"{k}={v * 100:.1f}" for k, v in entry.get("val", {}).items())
     log.info("epoch %d (%s): loss %.3f, %.0fs %s", epoch, stage, entry["train_loss"], entry["epoch_seconds"], val_text)
     return broadcast_from_main(stop, run.launch)
@@ -661,7 +650,7 @@ def final_evaluation(
     metrics = ("bleu", "meteor", "rouge", "cider") if java else ("bleu", "rouge", "cider")
     splits = {"val": (val_set, val_cache)}
     if config.data.test_annotations:
-        test_set = load_coco(config.data.test_annotations, config.data.images)
+        test_set = first_images(load_coco(config.data.test_annotations, config.data.images), config.data.max_images)
         test_cache = build_feature_cache(
             best.encoder, best.preprocess, [r.path for r in test_set.images], config.train.cache_dir,
             config.train.cache_dtype, workers=config.train.workers, device=str(device),

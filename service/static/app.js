@@ -54,6 +54,39 @@ function show(file) {
   caption();
 }
 
+// Captions are ranked by their score (the length-normalised log-probability beams are ranked by): higher is better.
+// The summed log_prob favours short captions, so it is shown only where a server sends no score.
+function bestFirst(captions) {
+  if (!captions.every((c) => typeof c.score === "number")) return captions;  // the server's order is best first
+  return [...captions].sort((a, b) => b.score - a.score);
+}
+
+function probabilityText(p) {
+  if (typeof p !== "number") return "";
+  return p.toPrecision(2);  // 0.011, 0.00075, 3.1e-7: two significant digits at any size
+}
+
+function captionItem(item) {
+  const li = document.createElement("li");
+  const text = document.createElement("span");
+  text.className = "text";
+  text.textContent = item.text;
+  const numbers = document.createElement("span");
+  numbers.className = "prob";
+  const probability = typeof item.probability === "number" ? item.probability : Math.exp(item.log_prob);
+  if (typeof item.score === "number") {
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = `score ${item.score.toFixed(2)}`;
+    score.title = "ranking score: log-probability per word (length-normalised); the captions are listed by it";
+    numbers.append(score, ` · p = ${probabilityText(probability)}`);
+  } else {
+    numbers.textContent = `log p = ${item.log_prob.toFixed(2)} · p = ${probabilityText(probability)}`;
+  }
+  li.append(text, numbers);
+  return li;
+}
+
 function setStatus(text) { $("status").textContent = text; }
 
 function showError(message) {
@@ -87,17 +120,7 @@ async function caption() {
       showError(data.error ? `${data.error.message} (${data.error.code})` : response.statusText);
       return;
     }
-    for (const item of data.captions) {
-      const li = document.createElement("li");
-      const text = document.createElement("span");
-      text.className = "text";
-      text.textContent = item.text;
-      const prob = document.createElement("span");
-      prob.className = "prob";
-      prob.textContent = `log p = ${item.log_prob.toFixed(2)}`;
-      li.append(text, prob);
-      $("captions").append(li);
-    }
+    for (const item of bestFirst(data.captions)) $("captions").append(captionItem(item));
     const image = data.image || {};
     const used = data.options; // the options actually used: the model's defaults and what was sent
     setStatus(`${image.format || "image"} ${image.width}×${image.height}, ` +
