@@ -2,6 +2,7 @@
 
 from captioner.api import Caption, Captioner
 from captioner.decoding import DecodingOptions
+from captioner.tags import Tag
 
-__all__ = ["Caption", "Captioner", "DecodingOptions"]
+__all__ = ["Caption", "Captioner", "DecodingOptions", "Tag"]
 __version__ = "0.1.0"

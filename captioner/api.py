@@ -16,6 +16,7 @@ from captioner.checkpoint import CaptionModel, load_model
 from captioner.decoding import DecodingOptions, decode
 from captioner.errors import CheckpointError
 from captioner.preprocess import DEFAULT_MAX_PIXELS, ImageSource, load_image, to_tensor
+from captioner.tags import DEFAULT_NUM_TAGS, Tag
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 
@@ -91,8 +92,7 @@ class Captioner:
 
         Options left as None take the model's recorded decoding defaults, then :class:`DecodingOptions`' defaults.
         """
-        if isinstance(images, (str, Path, bytes, bytearray, memoryview)) or not isinstance(images, Sequence):
-            images = [images]
+        images = _image_list(images)
         options = self.options(
             strategy=strategy,
             beam_size=beam_size,
@@ -119,3 +119,39 @@ class Captioner:
             [Caption(self.vocab.decode(h.tokens), [self.vocab.words[t] for t in h.tokens], h.log_prob) for h in hyps]
             for hyps in results
         ]
+
+    @property
+    def has_tags(self) -> bool:
+        """Whether the model tags images: its encoder's ImageNet classifier is known (see :mod:`captioner.tags`)."""
+        return self.model.tagger is not None
+
+    def tags(self, images: ImageSource | Sequence[ImageSource], k: int = DEFAULT_NUM_TAGS) -> list[list[Tag]]:
+        """The ``k`` most likely ImageNet classes of one image or a list of images, most likely first; an empty list
+        per image when the model has no tags."""
+        images = _image_list(images)
+        if not images:
+            return []
+        batch = torch.stack([self.load_tensor(image) for image in images])
+        with torch.inference_mode():
+            return self.tag_grids(self.model.encoder(batch.to(self.device, non_blocking=True)), k)
+
+    def tag_grids(self, grid: torch.Tensor, k: int = DEFAULT_NUM_TAGS) -> list[list[Tag]]:
+        """Tags from encoder feature grids (B, C, h, w): the grids captions are decoded from, so no second pass."""
+        if self.model.tagger is None or k == 0:
+            return [[] for _ in range(len(grid))]
+        return self.model.tagger.top_k(grid.to(self.device), k)
+
+    def caption_and_tag_tensors(
+        self, batch: torch.Tensor, options: DecodingOptions, k: int = DEFAULT_NUM_TAGS
+    ) -> tuple[list[list[Caption]], list[list[Tag]]]:
+        """Captions and tags of preprocessed images (B, 3, H, W) from one encoder pass."""
+        with torch.inference_mode():
+            grid = self.model.encoder(batch.to(self.device, non_blocking=True))
+            return self.caption_grids(grid, options), self.tag_grids(grid, k)
+
+
+def _image_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
+    """One image source, or a sequence of them, as a list."""
+    if isinstance(images, (str, Path, bytes, bytearray, memoryview)) or not isinstance(images, Sequence):
+        return [images]
+    return list(images)

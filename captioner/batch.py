@@ -38,6 +38,7 @@ from captioner.atomic import _fsync_dir
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError
 from captioner.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, load_image, to_tensor
+from captioner.tags import Tag
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 FORMATS = ("jsonl", "csv", "coco")
@@ -291,13 +292,17 @@ def make_loader(
 # Records
 
 
-def caption_record(path: str, captions: Sequence[Caption], num_captions: int = 1) -> Record:
+def caption_record(
+    path: str, captions: Sequence[Caption], num_captions: int = 1, tags: Sequence[Tag] = ()
+) -> Record:
     """``{"image", "caption", "log_prob"}`` for the best caption, plus ``"captions"`` (best first) when asked for
-    more than one."""
+    more than one, and ``"tags"`` (``[{"label", "probability"}, ...]``, most likely first) when there are tags."""
     best = captions[0]
     record: Record = {"image": path, "caption": best.text, "log_prob": round(best.log_prob, 4)}
     if num_captions > 1:
         record["captions"] = [{"caption": c.text, "log_prob": round(c.log_prob, 4)} for c in captions]
+    if tags:
+        record["tags"] = [tag.to_json() for tag in tags]
     return record
 
 
@@ -308,9 +313,10 @@ def error_record(path: str, error: str) -> Record:
 
 def caption_batches(
     captioner: Captioner, paths: Sequence[str], options: DecodingOptions, batch_size: int = 32, workers: int = 0,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS, num_tags: int = 0,
 ) -> Iterator[list[Record]]:
     """Caption ``paths`` in batches; yields each batch's records (one per path, in order) as soon as it is done.
+    With ``num_tags``, records also carry the image's top tags (from the same encoder pass; models with tags only).
 
     Nothing is kept between batches: the caller writes the records and forgets them.
     """
@@ -318,10 +324,12 @@ def caption_batches(
         paths, captioner.preprocess_config, batch_size, workers, captioner.device.type == "cuda", max_pixels
     )
     for batch in loader:
-        captions = iter(captioner.caption_tensors(batch.images, options) if batch.images is not None else [])
+        captions, tags = ([], []) if batch.images is None else captioner.caption_and_tag_tensors(
+            batch.images, options, num_tags)
+        captions, tags = iter(captions), iter(tags)
         n = options.num_captions
         yield [
-            error_record(path, error) if error is not None else caption_record(path, next(captions), n)
+            error_record(path, error) if error is not None else caption_record(path, next(captions), n, next(tags))
             for path, error in zip(batch.paths, batch.errors, strict=True)
         ]
 
@@ -344,11 +352,12 @@ class BatchStats:
 def run_batch(
     captioner: Captioner, paths: Sequence[str], options: DecodingOptions, writer: RecordWriter,
     batch_size: int = 32, workers: int = 0, on_batch: Callable[[list[Record]], None] | None = None,
+    num_tags: int = 0,
 ) -> BatchStats:
     """Caption ``paths`` into ``writer`` batch by batch; ``on_batch`` sees each batch's records after they are
     written (progress bars, benchmarks). The caller closes the writer."""
     stats = BatchStats()
-    for records in caption_batches(captioner, paths, options, batch_size, workers):
+    for records in caption_batches(captioner, paths, options, batch_size, workers, num_tags=num_tags):
         writer.write(records)
         stats.add(records)
         if on_batch is not None:
@@ -426,10 +435,11 @@ class JsonlWriter(RecordWriter):
         self.sink.close()
 
 
-def csv_columns(num_captions: int = 1) -> list[str]:
-    """``image, caption, log_prob`` (the best caption), ``caption_2, log_prob_2, ...`` for more, then ``error``."""
+def csv_columns(num_captions: int = 1, tags: bool = False) -> list[str]:
+    """``image, caption, log_prob`` (the best caption), ``caption_2, log_prob_2, ...`` for more, ``tags`` when the
+    records have tags, then ``error``."""
     extra = [name for i in range(2, num_captions + 1) for name in (f"caption_{i}", f"log_prob_{i}")]
-    return ["image", "caption", "log_prob", *extra, "error"]
+    return ["image", "caption", "log_prob", *extra, *(["tags"] if tags else []), "error"]
 
 
 def _csv_row(record: Record, columns: Sequence[str]) -> list[str]:
@@ -438,6 +448,8 @@ def _csv_row(record: Record, columns: Sequence[str]) -> list[str]:
         values |= {"caption": record["caption"], "log_prob": record["log_prob"]}
         for i, extra in enumerate(record.get("captions", [])[1:], start=2):
             values |= {f"caption_{i}": extra["caption"], f"log_prob_{i}": extra["log_prob"]}
+        # One cell, most likely first: "espresso (0.8731); cup (0.0512)" (ImageNet labels have no ';' or '(').
+        values["tags"] = "; ".join(f"{t['label']} ({t['probability']})" for t in record.get("tags", []))
     # A line break inside a field would make a cut-off last row look complete; error messages are the only risk.
     return [str(values.get(c, "")).replace("\r", " ").replace("\n", " ") for c in columns]
 
@@ -445,9 +457,9 @@ def _csv_row(record: Record, columns: Sequence[str]) -> list[str]:
 class CsvWriter(RecordWriter):
     """A CSV file with a header row (written when the file is empty), one row per image."""
 
-    def __init__(self, sink: _Sink, num_captions: int = 1, header: bool = True) -> None:
+    def __init__(self, sink: _Sink, num_captions: int = 1, header: bool = True, tags: bool = False) -> None:
         self.sink = sink
-        self.columns = csv_columns(num_captions)
+        self.columns = csv_columns(num_captions, tags)
         if header:
             self.sink.write(self._format([self.columns]))
 
@@ -520,9 +532,10 @@ def infer_format(out: str | Path | None) -> str:
 
 def open_writer(
     fmt: str, out: Path | None = None, num_captions: int = 1, append: bool = False, stream: TextIO | None = None,
+    tags: bool = False,
 ) -> RecordWriter:
     """A writer of format ``fmt`` to the file ``out`` (replaced, or appended to with ``append``) or to ``stream``
-    (default stdout) when ``out`` is None."""
+    (default stdout) when ``out`` is None; ``tags``: the records carry tags (a CSV column for them)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (expected one of {FORMATS})")
     if fmt == "coco":
@@ -534,7 +547,7 @@ def open_writer(
         out.parent.mkdir(parents=True, exist_ok=True)
     sink = _Sink(out, append=append) if out is not None else _Sink(stream=stream or sys.stdout)
     if fmt == "csv":
-        return CsvWriter(sink, num_captions, header=out is None or sink.empty)
+        return CsvWriter(sink, num_captions, header=out is None or sink.empty, tags=tags)
     return JsonlWriter(sink)
 
 
@@ -577,7 +590,7 @@ class Completed:
     repaired_bytes: int = 0  # bytes of a cut-off last line that were removed
 
 
-def read_completed(path: str | Path, fmt: str, num_captions: int = 1) -> Completed:
+def read_completed(path: str | Path, fmt: str, num_captions: int = 1, tags: bool = False) -> Completed:
     """Repair and read an output file for ``--resume``; a missing file has nothing completed.
 
     Raises :class:`BatchOutputError` when a complete line is not a valid record or, for CSV, when the header differs
@@ -607,10 +620,10 @@ def read_completed(path: str | Path, fmt: str, num_captions: int = 1) -> Complet
             header = next(reader, None)
             if header is None:
                 return done
-            if header != csv_columns(num_captions):
+            if header != csv_columns(num_captions, tags):
                 raise BatchOutputError(
-                    f"{path} has columns {header}, but this run writes {csv_columns(num_captions)} "
-                    "(another --num-captions?); cannot resume"
+                    f"{path} has columns {header}, but this run writes {csv_columns(num_captions, tags)} "
+                    "(another --num-captions or --tags?); cannot resume"
                 )
             for row in reader:
                 if len(row) != len(header):

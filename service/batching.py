@@ -4,7 +4,8 @@ Request threads preprocess their image (so bad uploads fail before they reach th
 :meth:`MicroBatcher.submit` a tensor and its :class:`DecodingOptions`. One batching thread takes the oldest waiting
 item, gathers more until the batch is full or the oldest has waited ``max_wait_ms``, and runs them together with
 :func:`caption_mixed`: the encoder runs once on the whole batch, then the decoder once per distinct options group,
-on that group's slice of the feature grid. Each request gets its own captions back through a future.
+on that group's slice of the feature grid, and the tags head once on the whole grid. Each request gets its own
+captions and tags back through a future.
 
 A batch waits only for images it knows are coming: request threads announce their images with
 :meth:`MicroBatcher.expecting` before they preprocess them. So a lone request starts at once (no added latency), a
@@ -27,6 +28,7 @@ import torch
 
 from captioner.api import Caption, Captioner
 from captioner.decoding import DecodingOptions
+from captioner.tags import DEFAULT_NUM_TAGS, Tag
 
 log = logging.getLogger("service.batching")
 
@@ -39,6 +41,7 @@ class BatchResult:
     batch_size: int  # images in the model batch this image was part of
     queue_ms: float  # time between submit and the start of its batch
     inference_ms: float  # encoder + decoder time of the whole batch
+    tags: list[Tag] = field(default_factory=list)  # the image's top tags; empty when the model has none
 
 
 @dataclass
@@ -53,13 +56,15 @@ BatchObserver = Callable[[int, float], None]  # (batch size, inference seconds)
 
 
 def caption_mixed(
-    captioner: Captioner, tensors: Sequence[torch.Tensor], options: Sequence[DecodingOptions]
-) -> list[list[Caption]]:
-    """Caption images with per-image decoding options: one encoder pass, one decoder pass per options group."""
+    captioner: Captioner, tensors: Sequence[torch.Tensor], options: Sequence[DecodingOptions],
+    num_tags: int = DEFAULT_NUM_TAGS,
+) -> tuple[list[list[Caption]], list[list[Tag]]]:
+    """Caption and tag images with per-image decoding options: one encoder pass, one decoder pass per options
+    group; returns the captions and the tags of each image."""
     if len(tensors) != len(options):
         raise ValueError(f"{len(tensors)} images but {len(options)} options")
     if not tensors:
-        return []
+        return [], []
     groups: dict[DecodingOptions, list[int]] = {}
     for index, opts in enumerate(options):
         groups.setdefault(opts, []).append(index)
@@ -70,7 +75,8 @@ def caption_mixed(
             rows = grid if len(indices) == len(tensors) else grid[torch.tensor(indices, device=grid.device)]
             for index, captions in zip(indices, captioner.caption_grids(rows, opts), strict=True):
                 results[index] = captions
-    return results
+        tags = captioner.tag_grids(grid, num_tags)
+    return results, tags
 
 
 class Ticket:
@@ -169,7 +175,7 @@ class MicroBatcher:
     def _run_batch(self, batch: list[_Item]) -> None:
         started = time.perf_counter()
         try:
-            captions = caption_mixed(self.captioner, [i.tensor for i in batch], [i.options for i in batch])
+            captions, tags = caption_mixed(self.captioner, [i.tensor for i in batch], [i.options for i in batch])
         except Exception as exc:  # a model failure fails this batch's requests, never the thread
             log.exception("batch of %d images failed", len(batch))
             for item in batch:
@@ -178,6 +184,6 @@ class MicroBatcher:
         elapsed = time.perf_counter() - started
         if self.observer is not None:
             self.observer(len(batch), elapsed)
-        for item, result in zip(batch, captions, strict=True):
+        for item, result, image_tags in zip(batch, captions, tags, strict=True):
             queue_ms = (started - item.submitted) * 1000.0
-            item.future.set_result(BatchResult(result, len(batch), queue_ms, elapsed * 1000.0))
+            item.future.set_result(BatchResult(result, len(batch), queue_ms, elapsed * 1000.0, image_tags))

@@ -194,10 +194,10 @@ class Engine:
             # One model call at a time: concurrent torch calls would only fight over the same cores.
             with self._model_lock:
                 started = time.perf_counter()
-                captions = caption_mixed(captioner, [i.tensor for i in images], [options] * len(images))
+                captions, tags = caption_mixed(captioner, [i.tensor for i in images], [options] * len(images))
                 elapsed = time.perf_counter() - started
             metrics.observe_batch(len(images), elapsed)
-            return [BatchResult(c, len(images), 0.0, elapsed * 1000.0) for c in captions]
+            return [BatchResult(c, len(images), 0.0, elapsed * 1000.0, t) for c, t in zip(captions, tags, strict=True)]
         futures = [self.batcher.submit(image.tensor, options, ticket) for image in images]
         return [self._wait(future) for future in futures]
 

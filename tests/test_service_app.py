@@ -251,7 +251,7 @@ def test_caption_mixed_matches_one_by_one(captioner: Captioner) -> None:
     options = [captioner.options(strategy="greedy"), captioner.options(beam_size=3, num_captions=2),
                captioner.options(strategy="greedy", max_length=3), captioner.options(beam_size=3, num_captions=2),
                captioner.options(beam_size=5, num_captions=5, max_length=6)]
-    mixed = caption_mixed(captioner, tensors, options)
+    mixed, _tags = caption_mixed(captioner, tensors, options)
     for tensor, opts, got in zip(tensors, options, mixed, strict=True):
         expected = captioner.caption_tensors(tensor.unsqueeze(0), opts)[0]
         assert [c.text for c in got] == [c.text for c in expected]

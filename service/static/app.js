@@ -34,6 +34,21 @@ function show(file) {
   caption();
 }
 
+// The encoder's top ImageNet classes, as chips ("espresso 94%"); hidden when the model has no tags.
+function showTags(tags) {
+  const list = $("tags");
+  list.replaceChildren(...tags.map((tag) => {
+    const li = document.createElement("li");
+    const prob = document.createElement("span");
+    prob.className = "prob";
+    prob.textContent = `${Math.round(tag.probability * 100)}%`;
+    li.append(tag.label, prob);
+    li.title = `ImageNet class "${tag.label}", probability ${tag.probability.toFixed(3)}`;
+    return li;
+  }));
+  list.hidden = tags.length === 0;
+}
+
 function setStatus(text) { $("status").textContent = text; }
 
 function showError(message) {
@@ -53,6 +68,7 @@ async function caption() {
   setStatus(`Captioning with ${params.strategy === "beam" ? "beam search" : "greedy decoding"}…`);
   showError("");
   $("captions").replaceChildren();
+  showTags([]);
   $("timing").textContent = "";
   try {
     const response = await fetch(`/v1/captions?${query}`, { method: "POST", body, signal: controller.signal });
@@ -73,6 +89,7 @@ async function caption() {
       li.append(text, prob);
       $("captions").append(li);
     }
+    showTags(data.tags || []);
     const image = data.image || {};
     setStatus(`${image.format || "image"} ${image.width}×${image.height}, ` +
       `${params.strategy}${params.strategy === "beam" ? ` (beam size ${params.beam_size})` : ""}`);
