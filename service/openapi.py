@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from captioner.tags import DEFAULT_NUM_TAGS
 from service.config import Settings
 from service.params import BEAM_SIZE, DEFAULT_STRATEGY, IMAGE_FIELD, MAX_LENGTH, NUM_CAPTIONS, STRATEGIES
 
@@ -58,6 +59,12 @@ def _image_errors(settings: Settings) -> dict:
     }
 
 
+TAGS_DESCRIPTION = (
+    f"the image's {DEFAULT_NUM_TAGS} most likely ImageNet classes, most likely first, from the encoder's own "
+    "classifier; absent when the model has no tags head"
+)
+
+
 def _schemas() -> dict:
     number = {"type": "number"}
     return {
@@ -78,6 +85,10 @@ def _schemas() -> dict:
             "log_prob": {**number, "description": "summed log-probability of the words and <end>"},
             "probability": {**number, "description": "exp(log_prob)"},
         }},
+        "Tag": {"type": "object", "required": ["label", "probability"], "properties": {
+            "label": {"type": "string", "example": "espresso", "description": "an ImageNet-1k class name"},
+            "probability": {**number, "description": "the encoder's ImageNet classifier's softmax probability"},
+        }},
         "Model": {"type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "string"}}},
         "Options": {"type": "object", "properties": {p["name"]: p["schema"] for p in _parameters()}},
         "ImageInfo": {"type": "object", "properties": {
@@ -86,6 +97,7 @@ def _schemas() -> dict:
         }},
         "CaptionResponse": {"type": "object", "required": ["captions", "model", "timing_ms"], "properties": {
             "captions": {"type": "array", "items": _ref("Caption")},
+            "tags": {"type": "array", "items": _ref("Tag"), "description": TAGS_DESCRIPTION},
             "model": _ref("Model"),
             "options": _ref("Options"),
             "image": _ref("ImageInfo"),
@@ -98,6 +110,7 @@ def _schemas() -> dict:
             "filename": {"type": "string", "nullable": True},
             "image": _ref("ImageInfo"),
             "captions": {"type": "array", "items": _ref("Caption")},
+            "tags": {"type": "array", "items": _ref("Tag"), "description": TAGS_DESCRIPTION},
             "error": {"type": "object", "description": "instead of captions, when this image failed",
                       "properties": {"code": {"type": "string"}, "message": {"type": "string"},
                                      "status": {"type": "integer"}}},
