@@ -12,6 +12,7 @@ import json
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from captioner.checkpoint import CaptionModel, load_model, save_model
 from captioner.cli import main
 from captioner.encoder import BACKBONES, build_encoder, resolve_weights
 from captioner.errors import CheckpointError
+from captioner.model import CaptionDecoder
 from captioner.preprocess import PreprocessConfig, preprocess
 from captioner.tags import IMAGENET_LABELS, Tag, TagHead, pretrained_head
 from service.app import create_app
@@ -121,6 +123,29 @@ def test_lite_encoders_verify_and_classify_at_their_resolution(name: str) -> Non
     assert "espresso" in _labels(espresso), espresso
     assert set(_labels(cat)) & CATS, cat
     assert set(_labels(rocket, 5)) & ROCKETS, rocket
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_a_model_on_a_stronger_lite_references_it_by_hash_and_gets_its_tags(name: str, tmp_path: Path) -> None:
+    """A model on Lite1/Lite2 (as v4 may be): saved by hash, loaded with its head, captions its larger grid."""
+    pytest.importorskip("timm")
+    backbone = BACKBONES[name]
+    pytest.importorskip(backbone.package_file[0])
+    model = tiny_model()
+    model.encoder = build_encoder(name, allow_download=False)
+    model.decoder = CaptionDecoder(replace(model.decoder.config, feature_dim=backbone.channels)).eval()
+    model.preprocess = PreprocessConfig(size=backbone.resolution, mean=backbone.mean, std=backbone.std)
+    save_model(model, tmp_path / name)
+    assert json.loads((tmp_path / name / "config.json").read_text())["encoder"] == {
+        "name": name, "weights_sha256": backbone.sha256, "stored": False, "fine_tune_blocks": 0}
+    captioner = Captioner.load(tmp_path / name, allow_download=False)
+    expected = pretrained_head(name)
+    assert captioner.model.tagger is not None and expected is not None
+    assert torch.equal(captioner.model.tagger.classifier.weight, expected.classifier.weight)
+    batch = captioner.load_tensor(ESPRESSO)[None]
+    assert captioner.model.encoder(batch).shape[-2:] == 2 * (-(-backbone.resolution // 32),)  # 8x8 or 9x9
+    (captions,), (tags,) = captioner.caption_and_tag_tensors(batch, captioner.options(beam_size=2), k=3)
+    assert captions[0].tokens and "espresso" in _labels(tags)
 
 
 # -- the head on its own -------------------------------------------------------------------------------------------
