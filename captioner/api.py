@@ -137,6 +137,8 @@ class Captioner:
 
     def tag_grids(self, grid: torch.Tensor, k: int = DEFAULT_NUM_TAGS) -> list[list[Tag]]:
         """Tags from encoder feature grids (B, C, h, w): the grids captions are decoded from, so no second pass."""
+        if k < 0:
+            raise ValueError(f"the number of tags must be 0 or more, got {k}")
         if self.model.tagger is None or k == 0:
             return [[] for _ in range(len(grid))]
         return self.model.tagger.top_k(grid.to(self.device), k)

@@ -200,6 +200,8 @@ def test_a_stored_encoders_head_round_trips(tagged_dir: Path, tiny_model_dir: Pa
     assert all(torch.equal(value, loaded_state[key]) for key, value in original.state_dict().items())
     assert load_model(tiny_model_dir).tagger is None  # no head saved, encoder not a known file: no tags
     assert Captioner.load(tiny_model_dir).tags(ESPRESSO) == [[]]
+    with pytest.raises(ValueError, match="0 or more"):
+        Captioner.load(tiny_model_dir).tags(ESPRESSO, k=-1)
 
 
 def test_a_mis_shaped_stored_head_is_refused(tmp_path: Path) -> None:
