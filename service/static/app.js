@@ -54,6 +54,21 @@ function show(file) {
   caption();
 }
 
+// The encoder's top ImageNet classes, as chips ("espresso 94%"); hidden when the model has no tags.
+function showTags(tags) {
+  const list = $("tags");
+  list.replaceChildren(...tags.map((tag) => {
+    const li = document.createElement("li");
+    const prob = document.createElement("span");
+    prob.className = "prob";
+    prob.textContent = `${Math.round(tag.probability * 100)}%`;
+    li.append(tag.label, prob);
+    li.title = `ImageNet class "${tag.label}", probability ${tag.probability.toFixed(3)}`;
+    return li;
+  }));
+  list.hidden = tags.length === 0;
+}
+
 function setStatus(text) { $("status").textContent = text; }
 
 function showError(message) {
@@ -74,6 +89,7 @@ async function caption() {
   setStatus(`Captioning with ${strategy === "beam" ? "beam search" : "greedy decoding"}…`);
   showError("");
   $("captions").replaceChildren();
+  showTags([]);
   $("timing").textContent = "";
   try {
     const response = await fetch(`/v1/captions?${query}`, { method: "POST", body, signal: controller.signal });
@@ -94,6 +110,7 @@ async function caption() {
       li.append(text, prob);
       $("captions").append(li);
     }
+    showTags(data.tags || []);
     const image = data.image || {};
     const used = data.options; // the options actually used: the model's defaults and what was sent
     setStatus(`${image.format || "image"} ${image.width}×${image.height}, ` +
