@@ -27,7 +27,7 @@ from captioner.api import DEFAULT_MODEL_DIR, Caption, Captioner
 from captioner.batch import caption_record
 from captioner.checkpoint import CaptionModel, load_model, save_model
 from captioner.cli import main
-from captioner.encoder import BACKBONES, build_encoder, resolve_weights
+from captioner.encoder import BACKBONES, Encoder, build_encoder, resolve_weights
 from captioner.errors import CheckpointError
 from captioner.model import CaptionDecoder
 from captioner.preprocess import PreprocessConfig, preprocess
@@ -298,6 +298,52 @@ def test_http_captions_and_batch_carry_tags(client: FlaskClient, tagged: Caption
     assert_same_tags(results[0]["tags"], expected[0])
     assert_same_tags(results[2]["tags"], expected[1])
     assert "error" in results[1] and "tags" not in results[1]
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch size of every encoder pass from here on (any model, any door in this process)."""
+    calls: list[int] = []
+    forward = Encoder.forward
+
+    def counted(self: Encoder, images: torch.Tensor) -> torch.Tensor:
+        calls.append(len(images))
+        return forward(self, images)
+
+    monkeypatch.setattr(Encoder, "forward", counted)
+    return calls
+
+
+def test_api_and_batch_command_tag_from_the_captions_encoder_pass(
+    tagged: Captioner, tagged_dir: Path, encoder_calls: list[int], tmp_path: Path
+) -> None:
+    results = tagged.caption([ESPRESSO, CAT], num_tags=3)
+    assert encoder_calls == [2]  # one pass for both images' captions and tags
+    for result, expected in zip(results, tagged.tags([ESPRESSO, CAT], k=3), strict=True):
+        assert result and result.tags == expected
+    del encoder_calls[:]
+    out = tmp_path / "out.jsonl"
+    assert main(["caption", str(ESPRESSO), str(CAT), "--model", str(tagged_dir), "--workers", "0", "--quiet",
+                 "--out", str(out)]) == 0
+    assert encoder_calls == [2]
+    assert all(json.loads(line)["tags"] for line in out.read_text().splitlines())
+
+
+def test_http_tags_from_the_captions_encoder_pass(client: FlaskClient, encoder_calls: list[int]) -> None:
+    body = client.post("/v1/captions", data={"image": (io.BytesIO(CAT.read_bytes()), "chelsea.jpg")}).json
+    assert body["tags"] and body["captions"] and encoder_calls == [1]
+    files = [(io.BytesIO(ESPRESSO.read_bytes()), "coffee.jpg"), (io.BytesIO(CAT.read_bytes()), "chelsea.jpg")]
+    results = client.post("/v1/captions:batch", data={"image": files}).json["results"]
+    assert all(r["tags"] and r["captions"] for r in results)
+    assert sum(encoder_calls[1:]) == 2  # each image encoded once (in one micro-batch or more)
+
+
+def test_openapi_documents_the_tags(client: FlaskClient) -> None:
+    schemas = client.get("/openapi.json").json["components"]["schemas"]
+    assert set(schemas["Tag"]["properties"]) == set(schemas["Tag"]["required"]) == {"label", "probability"}
+    for response in ("CaptionResponse", "BatchResult"):
+        assert schemas[response]["properties"]["tags"]["items"] == {"$ref": "#/components/schemas/Tag"}
+    assert "tags" not in schemas["MaxPredictResponse"]["properties"]
 
 
 def test_max_route_is_unchanged(client: FlaskClient) -> None:
