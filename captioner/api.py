@@ -3,13 +3,14 @@
 The one path behind every door (the CLI, the batch command, the HTTP service, evaluation): images are read and
 turned into the encoder's input by :func:`captioner.preprocess.prepare_image`, decoding options come from
 :meth:`Captioner.options` (the model's recorded defaults, then what the user gave), and
-:meth:`Captioner.caption_tensors` encodes and decodes a batch, with one set of options or one per image.
+:meth:`Captioner.caption_tensors` encodes and decodes a batch, with one set of options or one per image; from the
+same encoder pass it also gives each image's top ImageNet tags when asked (see :mod:`captioner.tags`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from captioner.decoding import DecodingOptions, decode
 from captioner.errors import CheckpointError
 from captioner.preprocess import DEFAULT_MAX_PIXELS, ImageSource, prepare_image
 from captioner.runtime import AUTO, load_runtime
+from captioner.tags import DEFAULT_NUM_TAGS, Tag, check_num_tags
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 
@@ -37,6 +39,15 @@ class Caption:
     def probability(self) -> float:
         """exp(log_prob): the model's probability of the whole word sequence."""
         return math.exp(self.log_prob)
+
+
+class Captions(list[Caption]):
+    """One image's captions, best first (a plain list of :class:`Caption`), and its ``tags``: the top ImageNet classes
+    from the same encoder pass, most likely first (empty unless asked for, or when the model has no tags)."""
+
+    def __init__(self, captions: Iterable[Caption] = (), tags: Iterable[Tag] = ()) -> None:
+        super().__init__(captions)
+        self.tags: list[Tag] = list(tags)
 
 
 class Captioner:
@@ -94,13 +105,14 @@ class Captioner:
         num_captions: int | None = None,
         length_penalty: float | None = None,
         no_repeat_ngram_size: int | None = None,
-    ) -> list[list[Caption]]:
-        """Caption one image or a list of images (paths, bytes or PIL images): per image, captions best first.
+        num_tags: int = 0,
+    ) -> list[Captions]:
+        """Caption one image or a list of images (paths, bytes or PIL images): per image, captions best first, and
+        with ``num_tags`` its top tags (``.tags``).
 
         Options left as None take the model's recorded decoding defaults, then :class:`DecodingOptions`' defaults.
         """
-        if isinstance(images, (str, Path, bytes, bytearray, memoryview)) or not isinstance(images, Sequence):
-            images = [images]
+        images = _image_list(images)
         options = self.options(
             strategy=strategy,
             beam_size=beam_size,
@@ -112,23 +124,58 @@ class Captioner:
         if not images:
             return []
         batch = torch.stack([self.load_tensor(image) for image in images])
-        return self.caption_tensors(batch, options)
+        return self.caption_tensors(batch, options, num_tags)
 
     def caption_tensors(
-        self, batch: torch.Tensor, options: DecodingOptions | Sequence[DecodingOptions]
-    ) -> list[list[Caption]]:
+        self, batch: torch.Tensor, options: DecodingOptions | Sequence[DecodingOptions], num_tags: int = 0
+    ) -> list[Captions]:
         """Caption preprocessed images (B, 3, H, W): the one batched entry point of every door.
 
         ``options`` is one set for the whole batch or one per image (the service's micro-batches mix requests):
         the encoder runs once on the batch, then :func:`captioner.decoding.decode` once per distinct options.
+        ``num_tags``: also the ``num_tags`` top tags of each image, from the same feature grid (no second pass).
         """
+        check_num_tags(num_tags)
         if batch.size(0) == 0:
             return []
         with torch.inference_mode():
             grid = self.encode(batch.to(self.device, non_blocking=True))
             results = decode(self.model.decoder, grid.float(), self.vocab, options)
+            tags = self._tag_grid(grid, num_tags)
         return [
-            [Caption(self.vocab.decode(h.tokens), [self.vocab.words[t] for t in h.tokens], h.log_prob, h.score)
-             for h in hyps]
-            for hyps in results
+            Captions(
+                (Caption(self.vocab.decode(h.tokens), [self.vocab.words[t] for t in h.tokens], h.log_prob, h.score)
+                 for h in hyps),
+                image_tags,
+            )
+            for hyps, image_tags in zip(results, tags, strict=True)
         ]
+
+    @property
+    def has_tags(self) -> bool:
+        """Whether the model tags images: its encoder's ImageNet classifier is known (see :mod:`captioner.tags`)."""
+        return self.model.tagger is not None
+
+    def tags(self, images: ImageSource | Sequence[ImageSource], k: int = DEFAULT_NUM_TAGS) -> list[list[Tag]]:
+        """Tags only, without captions: the ``k`` most likely ImageNet classes of one image or a list of images, most
+        likely first; an empty list per image when the model has no tags."""
+        check_num_tags(k)
+        images = _image_list(images)
+        if not images:
+            return []
+        batch = torch.stack([self.load_tensor(image) for image in images])
+        with torch.inference_mode():
+            return self._tag_grid(self.encode(batch.to(self.device, non_blocking=True)), k)
+
+    def _tag_grid(self, grid: torch.Tensor, k: int) -> list[list[Tag]]:
+        """The top ``k`` tags of each encoder feature grid (B, C, h, w); empty lists without a head or with k = 0."""
+        if self.model.tagger is None or k == 0:
+            return [[] for _ in range(len(grid))]
+        return self.model.tagger.top_k(grid, k)
+
+
+def _image_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
+    """One image source, or a sequence of them, as a list."""
+    if isinstance(images, (str, Path, bytes, bytearray, memoryview)) or not isinstance(images, Sequence):
+        return [images]
+    return list(images)

@@ -40,6 +40,7 @@ from captioner.decoding import OPTION_SPECS, OptionSpec, parse_option
 from captioner.distributed import Launch
 from captioner.errors import CaptionerError
 from captioner.runtime import RUNTIME_CHOICES
+from captioner.tags import DEFAULT_NUM_TAGS
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
@@ -122,6 +123,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="default: from --out's extension (.csv: csv, .json: coco, else jsonl)")
     parser.add_argument("--model", default=None, metavar="DIR", help="model directory (default: the bundled model)")
     add_decoding_arguments(parser)
+    parser.add_argument("--tags", type=_non_negative_int, default=DEFAULT_NUM_TAGS, metavar="K",
+                        help=f"top ImageNet tags per image (default {DEFAULT_NUM_TAGS}; 0: none; for models with tags)")
     parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                         help="images decoded together; larger is faster on a GPU, uses more memory (default: 32)")
     parser.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
@@ -192,15 +195,16 @@ def run(args: argparse.Namespace) -> int:
         total = len(paths)
         if shard is not None:
             paths = shard.select(paths)
-        completed = read_completed(out, fmt, args.num_captions or 1) if args.resume else Completed()
-        todo = completed.remaining(paths)
         captioner = Captioner.load(args.model, device=device, runtime=args.runtime)
+        num_tags = args.tags if captioner.has_tags else 0
+        completed = read_completed(out, fmt, args.num_captions or 1, num_tags > 0) if args.resume else Completed()
+        todo = completed.remaining(paths)
         options = captioner.options(
             strategy=args.strategy, beam_size=args.beam_size, max_length=args.max_length,
             num_captions=args.num_captions, length_penalty=args.length_penalty,
             no_repeat_ngram_size=args.no_repeat_ngram_size,
         )
-        writer = open_writer(fmt, out, options.num_captions, append=args.resume)
+        writer = open_writer(fmt, out, options.num_captions, append=args.resume, tags=num_tags > 0)
     except (CaptionerError, ValueError, OSError) as exc:
         return _error(exc)
     if completed.repaired_bytes and not args.quiet:
@@ -220,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        stats = run_batch(captioner, todo, options, writer, args.batch_size, workers, on_batch)
+        stats = run_batch(captioner, todo, options, writer, args.batch_size, workers, on_batch, num_tags)
         writer.close()
     except KeyboardInterrupt:
         writer.abort()

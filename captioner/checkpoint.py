@@ -3,7 +3,9 @@
 config.json records the architecture, the encoder's name and weights sha256, the preprocessing, the vocabulary,
 default decoding options, training metadata, metrics and the format version. The encoder's pretrained weights are
 referenced by hash, not copied, unless they were fine-tuned or are not a known pretrained file (then they are
-stored under ``encoder.`` in the safetensors file). Loading never unpickles and checks that everything agrees.
+stored under ``encoder.`` in the safetensors file). The tags head (:mod:`captioner.tags`) follows the encoder: taken
+from the same verified pretrained file, or stored under ``tags.`` beside a stored encoder. Loading never unpickles
+and checks that everything agrees.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from captioner.encoder import BACKBONES, Encoder, build_encoder, sha256_file
 from captioner.errors import CheckpointError
 from captioner.model import CaptionDecoder, DecoderConfig
 from captioner.preprocess import PreprocessConfig
+from captioner.tags import TagHead, pretrained_head
 from captioner.vocabulary import Vocabulary
 
 FORMAT_VERSION = 1
@@ -42,10 +45,13 @@ class CaptionModel:
     decoding: dict[str, Any] = field(default_factory=dict)  # default DecodingOptions fields
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    tagger: TagHead | None = None  # the encoder's ImageNet classifier, for tags; None: the model has no tags
 
     def to(self, device: str | torch.device) -> CaptionModel:
         self.encoder.to(device)
         self.decoder.to(device)
+        if self.tagger is not None:
+            self.tagger.to(device)
         return self
 
 
@@ -64,6 +70,8 @@ def save_model(model: CaptionModel, path: str | Path, half_precision: bool = Fal
     tensors = {f"decoder.{k}": stored(v) for k, v in model.decoder.state_dict().items()}
     if store_encoder:
         tensors |= {f"encoder.{k}": stored(v) for k, v in encoder.blocks.state_dict().items()}
+        if model.tagger is not None:  # a referenced pretrained encoder brings its head; a stored one stores it
+            tensors |= {f"tags.{k}": stored(v) for k, v in model.tagger.state_dict().items()}
     if len(model.vocab) != model.decoder.config.vocab_size:
         raise CheckpointError(
             f"vocabulary has {len(model.vocab)} words but the decoder {model.decoder.config.vocab_size}"
@@ -154,10 +162,14 @@ def load_model(
 
     decoder = CaptionDecoder(decoder_config)
     _load_prefixed(decoder, tensors, "decoder.", weights_file)
+    tagger = None
     if enc.get("stored"):
         encoder = Encoder(encoder_name, int(enc.get("fine_tune_blocks", 0)))
         _load_prefixed(encoder.blocks, tensors, "encoder.", weights_file)
         encoder.weights_sha256 = enc.get("weights_sha256")
+        if any(key.startswith("tags.") for key in tensors):
+            tagger = TagHead(encoder.channels)
+            _load_prefixed(tagger, tensors, "tags.", weights_file)
     else:
         encoder = build_encoder(encoder_name, weights_path=encoder_weights, allow_download=allow_download)
         if encoder.weights_sha256 != enc.get("weights_sha256"):
@@ -165,6 +177,7 @@ def load_model(
                 f"encoder weights have sha256 {encoder.weights_sha256}, but the model was trained with "
                 f"{enc.get('weights_sha256')}"
             )
+        tagger = pretrained_head(encoder_name, encoder_weights)  # the same file, found and verified the same way
     encoder.eval()
     decoder.eval()
     model = CaptionModel(
@@ -177,6 +190,7 @@ def load_model(
         decoding=dict(config.get("decoding") or {}),
         training=dict(config.get("training") or {}),
         metrics=dict(config.get("metrics") or {}),
+        tagger=tagger.eval() if tagger is not None else None,
     )
     return model.to(device)
 

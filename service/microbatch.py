@@ -4,8 +4,8 @@ Request threads preprocess their image (so bad uploads fail before they reach th
 :meth:`MicroBatcher.submit` a tensor and its :class:`DecodingOptions`. One batching thread takes the oldest waiting
 item, gathers more until the batch is full or the oldest has waited ``max_wait_ms``, and runs them together with
 :meth:`Captioner.caption_tensors` and one options per image: the encoder runs once on the whole batch, then the
-decoder once per distinct options group, on that group's slice of the feature grid. Each request gets its own
-captions back through a future.
+decoder once per distinct options group, on that group's slice of the feature grid, and the tags head once on the
+whole grid. Each request gets its own captions and tags back through a future.
 
 (Not to be confused with :mod:`captioner.batch`, the batch command's engine for folders of files.)
 
@@ -28,17 +28,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from captioner.api import Caption, Captioner
+from captioner.api import Captioner, Captions
 from captioner.decoding import DecodingOptions
+from captioner.tags import DEFAULT_NUM_TAGS
 
 log = logging.getLogger("service.microbatch")
 
 
 @dataclass(frozen=True)
 class BatchResult:
-    """One image's captions and how they were made."""
+    """One image's captions (best first, with its top tags as ``captions.tags``) and how they were made."""
 
-    captions: list[Caption]
+    captions: Captions
     batch_size: int  # images in the model batch this image was part of
     queue_ms: float  # time between submit and the start of its batch
     inference_ms: float  # encoder + decoder time of the whole batch
@@ -152,7 +153,7 @@ class MicroBatcher:
         started = time.perf_counter()
         try:
             tensors = torch.stack([item.tensor for item in batch])
-            captions = self.captioner.caption_tensors(tensors, [item.options for item in batch])
+            captions = self.captioner.caption_tensors(tensors, [item.options for item in batch], DEFAULT_NUM_TAGS)
         except Exception as exc:  # a model failure fails this batch's requests, never the thread
             log.exception("batch of %d images failed", len(batch))
             for item in batch:

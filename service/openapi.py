@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from captioner.decoding import OPTION_SPECS, OptionSpec
+from captioner.tags import DEFAULT_NUM_TAGS
 from service.auth import add_security
 from service.config import Settings
 from service.params import IMAGE_FIELD
@@ -58,6 +59,12 @@ def _image_errors(settings: Settings) -> dict:
     }
 
 
+TAGS_DESCRIPTION = (
+    f"the image's {DEFAULT_NUM_TAGS} most likely ImageNet classes, most likely first, from the encoder's own "
+    "classifier; absent when the model has no tags head"
+)
+
+
 def _schemas() -> dict:
     number = {"type": "number"}
     return {
@@ -80,6 +87,10 @@ def _schemas() -> dict:
             "score": {**number, "description": "the ranking score, log_prob / (words + 1) ** length_penalty: "
                                                "captions come highest score first"},
         }},
+        "Tag": {"type": "object", "required": ["label", "probability"], "properties": {
+            "label": {"type": "string", "example": "espresso", "description": "an ImageNet-1k class name"},
+            "probability": {**number, "description": "the encoder's ImageNet classifier's softmax probability"},
+        }},
         "Model": {"type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "string"}}},
         "Options": {"type": "object", "description": "the decoding options used: the model's recorded defaults, "
                                                      "then the request's parameters",
@@ -90,6 +101,7 @@ def _schemas() -> dict:
         }},
         "CaptionResponse": {"type": "object", "required": ["captions", "model", "timing_ms"], "properties": {
             "captions": {"type": "array", "items": _ref("Caption")},
+            "tags": {"type": "array", "items": _ref("Tag"), "description": TAGS_DESCRIPTION},
             "model": _ref("Model"),
             "options": _ref("Options"),
             "image": _ref("ImageInfo"),
@@ -102,6 +114,7 @@ def _schemas() -> dict:
             "filename": {"type": "string", "nullable": True},
             "image": _ref("ImageInfo"),
             "captions": {"type": "array", "items": _ref("Caption")},
+            "tags": {"type": "array", "items": _ref("Tag"), "description": TAGS_DESCRIPTION},
             "error": {"type": "object", "description": "instead of captions, when this image failed",
                       "properties": {"code": {"type": "string"}, "message": {"type": "string"},
                                      "status": {"type": "integer"}}},

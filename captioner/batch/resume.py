@@ -71,11 +71,11 @@ class Completed:
         return todo
 
 
-def read_completed(path: str | Path, fmt: str, num_captions: int = 1) -> Completed:
+def read_completed(path: str | Path, fmt: str, num_captions: int = 1, tags: bool = False) -> Completed:
     """Repair and read an output file for ``--resume``; a missing file has nothing completed.
 
     Raises :class:`BatchOutputError` when a complete line is not a valid record or, for CSV, when the header differs
-    from the one this run would write (e.g. another ``--num-captions``).
+    from the one this run would write (e.g. another ``--num-captions``, or tags in one run and not the other).
     """
     path = Path(path)
     check_resumable(fmt)
@@ -101,10 +101,11 @@ def read_completed(path: str | Path, fmt: str, num_captions: int = 1) -> Complet
             header = next(reader, None)
             if header is None:
                 return done
-            if header not in (csv_columns(num_captions), csv_columns(num_captions, score=False)):
+            expected = csv_columns(num_captions, tags=tags)
+            if header not in (expected, csv_columns(num_captions, score=False, tags=tags)):
                 raise BatchOutputError(
-                    f"{path} has columns {header}, but this run writes {csv_columns(num_captions)} "
-                    "(another --num-captions?); cannot resume"
+                    f"{path} has columns {header}, but this run writes {expected} "
+                    "(another --num-captions or --tags?); cannot resume"
                 )
             for row in reader:
                 if len(row) != len(header):

@@ -104,13 +104,13 @@ class JsonlWriter(RecordWriter):
         self.sink.close()
 
 
-def csv_columns(num_captions: int = 1, score: bool = True) -> list[str]:
+def csv_columns(num_captions: int = 1, score: bool = True, tags: bool = False) -> list[str]:
     """``image, caption, log_prob, score`` (the best caption), ``caption_2, log_prob_2, score_2, ...`` for more,
-    then ``error``. ``score=False`` gives the columns of files written before records had a score (still resumable:
-    appended rows then keep that layout)."""
+    ``tags`` when the records have tags, then ``error``. ``score=False`` gives the columns of files written before
+    records had a score (still resumable: appended rows then keep that layout)."""
     names = ("caption", "log_prob", "score") if score else ("caption", "log_prob")
     extra = [f"{name}_{i}" for i in range(2, num_captions + 1) for name in names]
-    return ["image", *names, *extra, "error"]
+    return ["image", *names, *extra, *(["tags"] if tags else []), "error"]
 
 
 def _csv_row(record: Record, columns: Sequence[str]) -> list[str]:
@@ -119,6 +119,8 @@ def _csv_row(record: Record, columns: Sequence[str]) -> list[str]:
         values |= {"caption": record["caption"], "log_prob": record["log_prob"], "score": record["score"]}
         for i, extra in enumerate(record.get("captions", [])[1:], start=2):
             values |= {f"{name}_{i}": extra[name] for name in ("caption", "log_prob", "score")}
+        # One cell, most likely first: "espresso (0.8731); cup (0.0512)" (ImageNet labels have no ';' or '(').
+        values["tags"] = "; ".join(f"{t['label']} ({t['probability']})" for t in record.get("tags", []))
     # A line break inside a field would make a cut-off last row look complete; error messages are the only risk.
     return [str(values.get(c, "")).replace("\r", " ").replace("\n", " ") for c in columns]
 
@@ -127,10 +129,11 @@ class CsvWriter(RecordWriter):
     """A CSV file with a header row (written when the file is empty), one row per image."""
 
     def __init__(
-        self, sink: _Sink, num_captions: int = 1, header: bool = True, columns: list[str] | None = None
+        self, sink: _Sink, num_captions: int = 1, header: bool = True, columns: list[str] | None = None,
+        tags: bool = False,
     ) -> None:
         self.sink = sink
-        self.columns = columns or csv_columns(num_captions)
+        self.columns = columns or csv_columns(num_captions, tags=tags)
         if header:
             self.sink.write(self._format([self.columns]))
 
@@ -193,9 +196,10 @@ def infer_format(out: str | Path | None) -> str:
 
 def open_writer(
     fmt: str, out: Path | None = None, num_captions: int = 1, append: bool = False, stream: TextIO | None = None,
+    tags: bool = False,
 ) -> RecordWriter:
     """A writer of format ``fmt`` to the file ``out`` (replaced, or appended to with ``append``) or to ``stream``
-    (default stdout) when ``out`` is None."""
+    (default stdout) when ``out`` is None; ``tags``: the records carry tags (a CSV column for them)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (expected one of {FORMATS})")
     if append:
@@ -209,7 +213,7 @@ def open_writer(
         header = out is None or sink.empty
         # Appended rows follow the file's own header (it may predate the score columns).
         columns = None if header else read_csv_header(out)
-        return CsvWriter(sink, num_captions, header=header, columns=columns)
+        return CsvWriter(sink, num_captions, header=header, columns=columns, tags=tags)
     return JsonlWriter(sink)
 
 

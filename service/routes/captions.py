@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
 
+from captioner.tags import Tag
 from service.errors import ApiError
 from service.params import read_uploads, request_options
 from service.routes.common import caption_json, elapsed_ms, engine, model_json, prepare, settings
 
 bp = Blueprint("captions", __name__)
+
+
+def tags_json(tags: list[Tag]) -> dict:
+    """``{"tags": [{"label", "probability"}, ...]}``, most likely first; nothing when the model has no tags."""
+    return {"tags": [tag.to_json() for tag in tags]} if tags else {}
 
 
 @bp.post("/v1/captions")
@@ -23,6 +29,7 @@ def create_caption() -> Response:
         result = eng.caption([image], options, ticket)[0]
     return jsonify({
         "captions": [caption_json(c) for c in result.captions],
+        **tags_json(result.captions.tags),
         "model": model_json(),
         "options": options.to_json(),
         "image": {"format": image.format, "width": image.width, "height": image.height},
@@ -60,6 +67,7 @@ def create_captions_batch() -> Response:
         captioned = eng.caption([image for _, image in prepared], options, ticket)
     for (entry, _), result in zip(prepared, captioned, strict=True):
         entry["captions"] = [caption_json(c) for c in result.captions]
+        entry |= tags_json(result.captions.tags)
     return jsonify({
         "results": results,
         "model": model_json(),

@@ -87,6 +87,21 @@ function captionItem(item) {
   return li;
 }
 
+// The encoder's top ImageNet classes, as chips ("espresso 94%"); hidden when the model has no tags.
+function showTags(tags) {
+  const list = $("tags");
+  list.replaceChildren(...tags.map((tag) => {
+    const li = document.createElement("li");
+    const prob = document.createElement("span");
+    prob.className = "prob";
+    prob.textContent = `${Math.round(tag.probability * 100)}%`;
+    li.append(tag.label, prob);
+    li.title = `ImageNet class "${tag.label}", probability ${tag.probability.toFixed(3)}`;
+    return li;
+  }));
+  list.hidden = tags.length === 0;
+}
+
 function setStatus(text) { $("status").textContent = text; }
 
 function showError(message) {
@@ -107,6 +122,7 @@ async function caption() {
   setStatus(`Captioning with ${strategy === "beam" ? "beam search" : "greedy decoding"}…`);
   showError("");
   $("captions").replaceChildren();
+  showTags([]);
   $("timing").textContent = "";
   try {
     const headers = {};
@@ -121,6 +137,7 @@ async function caption() {
       return;
     }
     for (const item of bestFirst(data.captions)) $("captions").append(captionItem(item));
+    showTags(data.tags || []);
     const image = data.image || {};
     const used = data.options; // the options actually used: the model's defaults and what was sent
     setStatus(`${image.format || "image"} ${image.width}×${image.height}, ` +
