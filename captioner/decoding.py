@@ -294,7 +294,9 @@ def _beam_search(
     images = torch.arange(batch, device=device)  # the input image of each image still in the batch
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     for step in range(1, options.max_length + 1):
-        logits, state, _ = decoder.step(tokens, state, memory)
+        # A finished beam's logits are never read (below): the fast path skips its rows.
+        live = {"active": ~finished} if isinstance(decoder, FastDecoder) else {}
+        logits, state, _ = decoder.step(tokens, state, memory, **live)
         logp = _log_probs(logits, words, step, vocab, options)
         # A finished beam continues only with <pad>, at no cost, so it keeps its place and score.
         logp[finished] = -torch.inf

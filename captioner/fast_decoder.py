@@ -12,6 +12,8 @@ What changes per step (all exact algebra; only float summation order differs, ~1
   computed once, and a step gathers rows instead of a matmul over the embedding columns.
 * **One matmul on the previous hidden state.** The attention query, the beta gate and (one layer) the cell's
   recurrent gates all read the same ``h``: their weights are concatenated into one matrix.
+* **Finished beams skip the cell and the classifier.** Beam search never reads a finished beam's logits (it
+  continues with ``<pad>`` at no cost), so ``step(..., active=~finished)`` computes only the live rows.
 * **Attention with a sigmoid for its tanh, in cache-sized chunks of images.** ``tanh(keys + query)`` over
   (images, beams, N, A) is the largest tensor of a step, and PyTorch's CPU tanh is several times slower than its
   sigmoid. ``tanh(x) = 2 sigmoid(2x) - 1``, so the scores are ``(2w) . sigmoid(2 keys + 2 query) - sum(w) + b``:
@@ -125,17 +127,40 @@ class FastDecoder:
             return ((1 - z) * n + z * h,)
         return (torch.tanh(gates + hh),)
 
-    def step(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, None]:
-        """``CaptionDecoder.step`` in eval mode: logits (batch, vocab) and the new state (no attention weights)."""
-        h_prev = state[0]
-        top = h_prev[:, -1]
-        gates = self.word_gates[tokens]  # (batch, gates): the word's share of the first cell's input gates
-        if self.h_weight is not None:
-            fused = torch.addmm(self.h_bias, top, self.h_weight).split(self.splits, dim=1)
+    def step(
+        self, tokens: Tensor, state: State, memory: Memory, active: Tensor | None = None
+    ) -> tuple[Tensor, State, None]:
+        """``CaptionDecoder.step`` in eval mode: logits (batch, vocab) and the new state (no attention weights).
+
+        ``active`` (batch,) bool, optional, marks the rows whose results will be read: the others (beam search's
+        finished beams) still attend, since their image's beams attend together, but skip the cell and the
+        classifier; their logits come back as zeros and their state unchanged.
+        """
+        fused: tuple[Tensor, ...] = ()
+        if self.h_weight is not None:  # [query | beta | layer-0 recurrent gates] from the top layer's h
+            fused = torch.addmm(self.h_bias, state[0][:, -1], self.h_weight).split(self.splits, dim=1)
+        context = None
         if self.config.conditioning == "attention":
-            query, beta = fused[0], fused[1]
-            context = self._attend(memory[0], memory[1], query)
-            gates = torch.addmm(gates, torch.sigmoid(beta).mul_(context), self.context_weight)
+            context = self._attend(memory[0], memory[1], fused[0])
+        if active is None or bool(active.all()):
+            logits, new_state = self._advance(tokens, state, fused, context)
+            return logits, new_state, None
+        rows = active.nonzero().squeeze(1)
+        logits, new_rows = self._advance(
+            tokens[rows], tuple(s[rows] for s in state), tuple(f[rows] for f in fused),
+            None if context is None else context[rows],
+        )  # fmt: skip
+        all_logits = logits.new_zeros(tokens.size(0), logits.size(1)).index_copy_(0, rows, logits)
+        return all_logits, tuple(s.index_copy(0, rows, n) for s, n in zip(state, new_rows, strict=True)), None
+
+    def _advance(
+        self, tokens: Tensor, state: State, fused: tuple[Tensor, ...], context: Tensor | None
+    ) -> tuple[Tensor, State]:
+        """The cells and the classifier, given the fused products on h and the attention's context."""
+        h_prev = state[0]
+        gates = self.word_gates[tokens]  # (batch, gates): the word's share of the first cell's input gates
+        if context is not None:
+            gates = torch.addmm(gates, torch.sigmoid(fused[1]).mul_(context), self.context_weight)
         hh0 = fused[-1] if self.fused_hh else h_prev[:, 0] @ self.w_hh0
         new_h, new_c = [], []
         out = self._cell(gates, hh0, h_prev[:, 0], state[1][:, 0] if self.cell == "lstm" else None, 0)
@@ -151,8 +176,7 @@ class FastDecoder:
                 new_c.append(out[1])
         h_stack = torch.stack(new_h, dim=1)
         new_state: State = (h_stack, torch.stack(new_c, dim=1)) if self.cell == "lstm" else (h_stack,)
-        logits = torch.addmm(self.classifier_bias, new_h[-1], self.classifier_weight)
-        return logits, new_state, None
+        return torch.addmm(self.classifier_bias, new_h[-1], self.classifier_weight), new_state
 
 
 _CACHE: weakref.WeakKeyDictionary[CaptionDecoder, tuple[tuple, FastDecoder]] = weakref.WeakKeyDictionary()

@@ -268,9 +268,9 @@ def test_settled_images_leave_the_beam_batch(conditioning: str) -> None:
     stepper = fast_decoder(decoder)  # what decode() steps with (the decoder's inference fast path)
     original_step = stepper.step
 
-    def counting_step(tokens: torch.Tensor, state: tuple, memory: tuple) -> tuple:
+    def counting_step(tokens: torch.Tensor, state: tuple, memory: tuple, **live: torch.Tensor) -> tuple:
         batch_sizes.append(tokens.size(0))
-        return original_step(tokens, state, memory)
+        return original_step(tokens, state, memory, **live)
 
     grid = grids(12, seed=3)
     options = DecodingOptions(beam_size=3, num_captions=3, max_length=12)
