@@ -88,3 +88,24 @@ def test_training_mode_uses_the_decoder_itself() -> None:
     assert fast_decoder(decoder) is decoder
     with pytest.raises(ValueError, match="eval mode"):
         FastDecoder(decoder)
+
+
+@pytest.mark.parametrize(("cell", "conditioning", "layers"), [("lstm", "attention", 1), ("gru", "attention", 2),
+                                                              ("rnn", "init", 1)])
+def test_inactive_rows_skip_the_step(cell: str, conditioning: str, layers: int) -> None:
+    """``active`` rows get the full step's logits and state; the others zeros and their old state."""
+    decoder = small_decoder(cell, conditioning, layers)
+    fast = FastDecoder(decoder)
+    grid = torch.randn(2, 24, 2, 2, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        memory, state = fast.prepare(grid)
+        state = tuple(s.repeat_interleave(3, dim=0) + 0.1 * torch.arange(6.0).view(6, 1, 1) for s in state)
+        tokens = torch.tensor([4, 5, 6, 7, 8, 9])
+        active = torch.tensor([True, False, True, False, False, True])
+        logits, new_state, _ = fast.step(tokens, state, memory)
+        some_logits, some_state, _ = fast.step(tokens, state, memory, active=active)
+    torch.testing.assert_close(some_logits[active], logits[active], atol=1e-5, rtol=0)
+    assert not some_logits[~active].any()
+    for before, full, partial in zip(state, new_state, some_state, strict=True):
+        torch.testing.assert_close(partial[active], full[active], atol=1e-5, rtol=0)
+        assert torch.equal(partial[~active], before[~active])
