@@ -186,10 +186,14 @@ def fast_decoder(decoder: CaptionDecoder) -> FastDecoder | CaptionDecoder:
     """The :class:`FastDecoder` of ``decoder`` (built once per set of weights), or ``decoder`` itself in train mode.
 
     The cache key is every parameter's storage, version counter, dtype and device, so an optimizer step, a
-    ``load_state_dict`` or a ``.to()`` rebuilds the tables instead of serving stale ones.
+    ``load_state_dict`` or a ``.to()`` rebuilds the tables instead of serving stale ones. Weights that are
+    inference tensors (made under ``torch.inference_mode``) have no version counter: their tables are not cached.
     """
     if decoder.training:
         return decoder
+    if any(p.is_inference() for p in decoder.parameters()):
+        # Weights created under inference_mode have no version counter to key a cache on: build afresh.
+        return FastDecoder(decoder)
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in decoder.parameters())
     cached = _CACHE.get(decoder)
     if cached is not None and cached[0] == key:

@@ -109,3 +109,15 @@ def test_inactive_rows_skip_the_step(cell: str, conditioning: str, layers: int) 
     for before, full, partial in zip(state, new_state, some_state, strict=True):
         torch.testing.assert_close(partial[active], full[active], atol=1e-5, rtol=0)
         assert torch.equal(partial[~active], before[~active])
+
+
+def test_weights_made_under_inference_mode_are_not_cached() -> None:
+    """Inference tensors have no version counter: the fast path is built afresh each time, and still correct."""
+    with torch.inference_mode():
+        decoder = small_decoder("lstm", "attention", 1)
+        first = fast_decoder(decoder)
+        decoder.embed.weight.add_(1.0)
+        second = fast_decoder(decoder)
+    assert second is not first
+    torch.testing.assert_close(second.word_gates[3], decoder.cells[0].weight_ih[:, :8] @ decoder.embed.weight[3]
+                               + decoder.cells[0].bias_ih + decoder.cells[0].bias_hh)
