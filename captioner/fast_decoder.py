@@ -44,7 +44,9 @@ class FastDecoder:
     def __init__(self, decoder: CaptionDecoder) -> None:
         if decoder.training:
             raise ValueError("FastDecoder is for inference: put the decoder in eval mode")
-        self.decoder = decoder
+        # A weak reference: the cache below maps each decoder to its FastDecoder, and a strong one would keep
+        # every decoder ever decoded with alive.
+        self._decoder = weakref.ref(decoder)
         self.config = c = decoder.config
         self.cell = c.cell
         self.layers = c.num_layers
@@ -92,7 +94,7 @@ class FastDecoder:
 
     def prepare(self, grid: Tensor) -> tuple[Memory, State]:
         """The decoder's own ``prepare``, with the attention keys doubled (for sigmoid(2x))."""
-        memory, state = self.decoder.prepare(grid)
+        memory, state = self._decoder().prepare(grid)
         if memory:
             memory = (memory[0], 2 * memory[1])
         return memory, state

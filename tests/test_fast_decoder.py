@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
+import weakref
 
 import pytest
 import torch
@@ -121,3 +123,13 @@ def test_weights_made_under_inference_mode_are_not_cached() -> None:
     assert second is not first
     torch.testing.assert_close(second.word_gates[3], decoder.cells[0].weight_ih[:, :8] @ decoder.embed.weight[3]
                                + decoder.cells[0].bias_ih + decoder.cells[0].bias_hh)
+
+
+def test_the_cache_does_not_keep_decoders_alive() -> None:
+    """A decoder that is no longer used is freed with its tables (the cache holds it weakly)."""
+    decoder = small_decoder("gru", "attention", 1)
+    fast_decoder(decoder)
+    alive = weakref.ref(decoder)
+    del decoder
+    gc.collect()
+    assert alive() is None
