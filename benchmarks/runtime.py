@@ -7,7 +7,8 @@ For the bundled model (EfficientNet-Lite0 + attention LSTM) and each runtime ins
   with a large torch matmul (the physical reference);
 * decoder images/s with the model's default decoding (beam 5, length penalty 1, no repeated trigrams) on the grids
   of ``--images`` photos, beside the decoder as it was at ``--baseline`` (a git commit; its model.py and
-  decoding.py are loaded from git), with whether both give the same captions;
+  decoding.py are loaded from git), with whether both give the same captions, and this tree's search stepping
+  ``CaptionDecoder.step`` itself (without the inference fast path of ``captioner/fast_decoder.py``);
 * preprocessing images/s (read + decode + resize + normalise) on the photos and on a large JPEG (a sample upscaled
   to 4000x3000, as phones send), to compare with the encoder;
 * end-to-end ``Captioner.caption`` images/s per runtime, its ratio to the torch runtime, and how many of the
@@ -22,6 +23,7 @@ noisy; the ratios, measured in the same run, are the comparison.
     .venv/bin/python benchmarks/runtime.py
     .venv/bin/python benchmarks/runtime.py --threads 2 --images 32 --repeats 5
     .venv/bin/python benchmarks/runtime.py --device cuda
+    .venv/bin/python benchmarks/runtime.py --threads 1 --decoder-only --repeats 7
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.api import Captioner  # noqa: E402
-from captioner.decoding import decode  # noqa: E402
+from captioner.decoding import _decode_group, decode  # noqa: E402
 from captioner.runtime import RUNTIMES, TorchRuntime, installed, resolve_runtime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,6 +169,46 @@ def make_captioner(reference: Captioner, name: str) -> Captioner:
     return Captioner(reference.model, reference.device, runtime=name)
 
 
+def time_decoder(
+    reference: Captioner, batch: torch.Tensor, options: object, args: argparse.Namespace, device: torch.device
+) -> None:
+    """Decoder images/s with ``options`` on the grids of ``batch``: this tree, the baseline commit, no fast path."""
+    print("\ndecoder (default decoding)")
+    grids = reference.encode(batch)
+
+    def current() -> list:
+        return decode(reference.model.decoder, grids, reference.vocab, options)
+
+    def without_fast_path() -> list:  # this tree's search on CaptionDecoder.step itself
+        with torch.inference_mode():
+            return _decode_group(reference.model.decoder, grids, reference.vocab, options)
+
+    baseline = load_baseline_decoder(args.baseline, reference)
+    if baseline is None:
+        t_new, new = timed(current, args.repeats, device)
+        print(f"{'this tree':<24} {batch.size(0) / t_new:>9.1f} img/s  (baseline {args.baseline} not available)")
+    else:
+        # Alternate them, so load from other processes falls on both alike.
+        times: dict[str, list[float]] = {"new": [], "old": [], "slow": []}
+        new, old, slow = current(), baseline(grids, options), without_fast_path()
+        for _ in range(args.repeats):
+            for key, fn in (("new", current), ("old", lambda: baseline(grids, options)), ("slow", without_fast_path)):
+                seconds, _ = _once(fn, device)
+                times[key].append(seconds)
+        t_new, t_old = statistics.median(times["new"]), statistics.median(times["old"])
+        t_slow = statistics.median(times["slow"])
+
+        def tokens(results: list) -> list:
+            return [[h.tokens for h in hyps] for hyps in results]
+
+        same = tokens(new) == tokens(old)
+        print(f"{'this tree':<24} {batch.size(0) / t_new:>9.1f} img/s")
+        print(f"{'at ' + args.baseline:<24} {batch.size(0) / t_old:>9.1f} img/s   this tree / baseline: "
+              f"{t_old / t_new:.2f}x, same captions: {same}")  # fmt: skip
+        print(f"{'without the fast path':<24} {batch.size(0) / t_slow:>9.1f} img/s   this tree / it: "
+              f"{t_slow / t_new:.2f}x, same captions: {tokens(slow) == tokens(new)}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -174,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=32, help="photos for the decoder and end-to-end figures")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--baseline", default="f483925", help="git commit whose decoder is the 'before' figure")
+    parser.add_argument("--decoder-only", action="store_true", help="only the decoder figures")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,6 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     options = reference.options()
     names = runtimes_for(device)
     print(f"device {device}, {torch.get_num_threads()} threads, runtimes {', '.join(names)}, decoding {options}")
+    files = photos(args.images)
+    batch = torch.stack([reference.load_tensor(p) for p in files]).to(device)
+    if args.decoder_only:
+        time_decoder(reference, batch, options, args, device)
+        return
     peak = matmul_peak(device, args.repeats)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         size = reference.preprocess_config.size
@@ -191,8 +239,6 @@ def main(argv: list[str] | None = None) -> None:
     gflop = counter.get_total_flops() / 1e9
     print(f"fp32 matmul peak: {peak:.0f} GFLOP/s; encoder: {gflop:.2f} GFLOP per image")
 
-    files = photos(args.images)
-    batch = torch.stack([reference.load_tensor(p) for p in files]).to(device)
     batch16 = batch[:16]
     captioners = {name: make_captioner(reference, name) for name in names}
 
@@ -210,29 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<24} {1 / t1:>9.1f} {rate16:>10.1f} {rate16 / base16:>8.2f}x {rate16 * gflop:>8.1f} "
               f"{100 * rate16 * gflop / peak:>6.1f}% {diff:>9.1e}")  # fmt: skip
 
-    print("\ndecoder (default decoding)")
-    grids = reference.encode(batch)
-
-    def current() -> list:
-        return decode(reference.model.decoder, grids, reference.vocab, options)
-
-    baseline = load_baseline_decoder(args.baseline, reference)
-    if baseline is None:
-        t_new, new = timed(current, args.repeats, device)
-        print(f"{'this tree':<24} {len(files) / t_new:>9.1f} img/s  (baseline {args.baseline} not available: no git)")
-    else:
-        # Alternate the two, so load from other processes falls on both alike.
-        times: dict[str, list[float]] = {"new": [], "old": []}
-        new, old = current(), baseline(grids, options)
-        for _ in range(args.repeats):
-            for key, fn in (("new", current), ("old", lambda: baseline(grids, options))):
-                seconds, _ = _once(fn, device)
-                times[key].append(seconds)
-        t_new, t_old = statistics.median(times["new"]), statistics.median(times["old"])
-        same = [[h.tokens for h in hyps] for hyps in new] == [[h.tokens for h in hyps] for hyps in old]
-        print(f"{'this tree':<24} {len(files) / t_new:>9.1f} img/s")
-        print(f"{'at ' + args.baseline:<24} {len(files) / t_old:>9.1f} img/s   this tree / baseline: "
-              f"{t_old / t_new:.2f}x, same captions: {same}")  # fmt: skip
+    time_decoder(reference, batch, options, args, device)
 
     print("\npreprocessing (read, decode, resize, normalise; one process)")
     t_small, _ = timed(lambda: [reference.load_tensor(p) for p in files], args.repeats, torch.device("cpu"))

@@ -28,6 +28,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from captioner.fast_decoder import FastDecoder, fast_decoder
 from captioner.model import CaptionDecoder, Memory, State
 from captioner.vocabulary import Vocabulary
 
@@ -183,15 +184,19 @@ def decode(
         groups.setdefault(opts, []).append(index)
     results: list[list[Hypothesis]] = [[] for _ in per_image]
     with torch.inference_mode():
+        stepper = fast_decoder(decoder)  # in eval mode, the same step with precomputed tables (fast_decoder.py)
         for opts, indices in groups.items():
             rows = grid if len(indices) == len(per_image) else grid[torch.tensor(indices, device=grid.device)]
-            for index, hyps in zip(indices, _decode_group(decoder, rows, vocab, opts), strict=True):
+            for index, hyps in zip(indices, _decode_group(stepper, rows, vocab, opts), strict=True):
                 results[index] = hyps
     return results
 
 
+Stepper = CaptionDecoder | FastDecoder  # anything with the decoder's prepare() and step()
+
+
 def _decode_group(
-    decoder: CaptionDecoder, grid: Tensor, vocab: Vocabulary, options: DecodingOptions
+    decoder: Stepper, grid: Tensor, vocab: Vocabulary, options: DecodingOptions
 ) -> list[list[Hypothesis]]:
     memory, state = decoder.prepare(grid)
     if options.strategy == "greedy":
@@ -241,7 +246,7 @@ def ban_tokens(logp: Tensor, words: Tensor, step: int, vocab: Vocabulary, option
 
 
 def _greedy(
-    decoder: CaptionDecoder, memory: Memory, state: State, vocab: Vocabulary, options: DecodingOptions
+    decoder: Stepper, memory: Memory, state: State, vocab: Vocabulary, options: DecodingOptions
 ) -> list[Hypothesis]:
     batch = state[0].size(0)
     device = state[0].device
@@ -269,7 +274,7 @@ def _greedy(
 
 
 def _beam_search(
-    decoder: CaptionDecoder, memory: Memory, state: State, vocab: Vocabulary, options: DecodingOptions
+    decoder: Stepper, memory: Memory, state: State, vocab: Vocabulary, options: DecodingOptions
 ) -> list[list[Hypothesis]]:
     batch, k = state[0].size(0), options.beam_size
     device = state[0].device
@@ -289,7 +294,9 @@ def _beam_search(
     images = torch.arange(batch, device=device)  # the input image of each image still in the batch
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     for step in range(1, options.max_length + 1):
-        logits, state, _ = decoder.step(tokens, state, memory)
+        # A finished beam's logits are never read (below): the fast path skips its rows.
+        live = {"active": ~finished} if isinstance(decoder, FastDecoder) else {}
+        logits, state, _ = decoder.step(tokens, state, memory, **live)
         logp = _log_probs(logits, words, step, vocab, options)
         # A finished beam continues only with <pad>, at no cost, so it keeps its place and score.
         logp[finished] = -torch.inf

@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_model
 
 from captioner.decoding import DecodingOptions, Hypothesis, decode
+from captioner.fast_decoder import fast_decoder
 from captioner.model import CaptionDecoder
 from captioner.vocabulary import Vocabulary
 
@@ -264,19 +265,20 @@ def test_settled_images_leave_the_beam_batch(conditioning: str) -> None:
     """Images whose beams have all ended drop out of later steps, and this changes no result."""
     decoder, vocab = decoder_and_vocab("lstm", conditioning)
     batch_sizes: list[int] = []
-    original_step = decoder.step
+    stepper = fast_decoder(decoder)  # what decode() steps with (the decoder's inference fast path)
+    original_step = stepper.step
 
-    def counting_step(tokens: torch.Tensor, state: tuple, memory: tuple) -> tuple:
+    def counting_step(tokens: torch.Tensor, state: tuple, memory: tuple, **live: torch.Tensor) -> tuple:
         batch_sizes.append(tokens.size(0))
-        return original_step(tokens, state, memory)
+        return original_step(tokens, state, memory, **live)
 
     grid = grids(12, seed=3)
     options = DecodingOptions(beam_size=3, num_captions=3, max_length=12)
-    decoder.step = counting_step
+    stepper.step = counting_step
     try:
         together = decode(decoder, grid, vocab, options)
     finally:
-        del decoder.step
+        del stepper.step
     assert batch_sizes[0] == 12 and batch_sizes[1] == 36  # the first step once per image, then K rows each
     assert batch_sizes[1:] == sorted(batch_sizes[1:], reverse=True) and batch_sizes[-1] < 36  # rows were dropped
     assert all(size % 3 == 0 for size in batch_sizes[1:])

@@ -1,0 +1,205 @@
+"""An inference-only fast path for :class:`captioner.model.CaptionDecoder`: the same step, fewer and larger ops.
+
+``model.py`` reads like the papers (embed, attend, gate, cell, classify); decoding calls that step a few hundred
+thousand times per evaluation, so :class:`FastDecoder` computes the same function with algebra moved out of the
+loop. It is built from a decoder in eval mode and only ever used under ``torch.inference_mode`` by
+:func:`captioner.decoding.decode`; training never sees it and the state_dict is untouched.
+
+What changes per step (all exact algebra; only float summation order differs, ~1e-6):
+
+* **Per-word tables.** The first cell's input is ``[embed(w) ; gated context]``, so its input gates are
+  ``W_e embed(w) + W_c context + b``. ``W_e embed(w) + b`` depends only on the word: one (vocab, gates) table,
+  computed once, and a step gathers rows instead of a matmul over the embedding columns.
+* **One matmul on the previous hidden state.** The attention query, the beta gate and (one layer) the cell's
+  recurrent gates all read the same ``h``: their weights are concatenated into one matrix.
+* **Finished beams skip the cell and the classifier.** Beam search never reads a finished beam's logits (it
+  continues with ``<pad>`` at no cost), so ``step(..., active=~finished)`` computes only the live rows.
+* **Attention with a sigmoid for its tanh, in cache-sized chunks of images.** ``tanh(keys + query)`` over
+  (images, beams, N, A) is the largest tensor of a step, and PyTorch's CPU tanh is several times slower than its
+  sigmoid. ``tanh(x) = 2 sigmoid(2x) - 1``, so the scores are ``(2w) . sigmoid(2 keys + 2 query) - sum(w) + b``:
+  the keys and the query weights are doubled once (exact in floating point) and the constant ``b - sum(w)``,
+  the same for every grid cell, is dropped because softmax ignores it. Computing it a few images at a time keeps
+  the tensor in the CPU's cache.
+
+The tables are rebuilt whenever a parameter changes (keyed by each parameter's storage and version counter), so
+training's validation decodes with the current weights.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+
+from captioner.model import CaptionDecoder, Memory, State
+
+# Images per attention chunk: (chunk * beams * N * A) floats, about 1 MiB for the bundled model at beam 5.
+ATTENTION_CHUNK_BYTES = 1 << 20
+
+
+class FastDecoder:
+    """``prepare`` and ``step`` of a :class:`CaptionDecoder` in eval mode, computed with precomputed tables."""
+
+    def __init__(self, decoder: CaptionDecoder) -> None:
+        if decoder.training:
+            raise ValueError("FastDecoder is for inference: put the decoder in eval mode")
+        # A weak reference: the cache below maps each decoder to its FastDecoder, and a strong one would keep
+        # every decoder ever decoded with alive.
+        self._decoder = weakref.ref(decoder)
+        self.config = c = decoder.config
+        self.cell = c.cell
+        self.layers = c.num_layers
+        cells = decoder.cells
+        with torch.no_grad():
+            first = cells[0]
+            w_ih = first.weight_ih.detach()
+            e = c.embed_dim
+            b_ih = first.bias_ih.detach()
+            b_hh = first.bias_hh.detach()
+            # The recurrent bias joins the input side except for the GRU's candidate gate, where r scales it.
+            joint_bias = b_ih + b_hh if self.cell != "gru" else b_ih
+            self.word_gates = torch.addmm(joint_bias, decoder.embed.weight.detach(), w_ih[:, :e].t())  # (V, gates)
+            self.context_weight = w_ih[:, e:].t().contiguous() if decoder.attention is not None else None
+            self.hh_bias = [b_hh if self.cell == "gru" else None] + [
+                cell.bias_hh.detach() if self.cell == "gru" else None for cell in cells[1:]
+            ]
+            self.upper = [
+                (cell.weight_ih.detach().t().contiguous(), cell.weight_hh.detach().t().contiguous(),
+                 cell.bias_ih.detach() + (0 if self.cell == "gru" else cell.bias_hh.detach()))
+                for cell in cells[1:]
+            ]
+            gates = w_ih.size(0)
+            # One matmul on the top layer's previous h: [attention query | beta gate | layer-0 recurrent gates
+            # (one layer only: with more, layer 0 reads its own h)].
+            parts_w, parts_b, self.splits = [], [], []
+            if decoder.attention is not None:
+                query, gate = decoder.attention.query, decoder.gate
+                # The query doubled, for sigmoid(2x) (see the module's docstring).
+                parts_w += [2 * query.weight.detach(), gate.weight.detach()]
+                parts_b += [2 * query.bias.detach(), gate.bias.detach()]
+                self.splits += [query.out_features, gate.out_features]
+            self.fused_hh = self.layers == 1
+            if self.fused_hh:
+                parts_w.append(first.weight_hh.detach())
+                parts_b.append(torch.zeros(gates, dtype=w_ih.dtype, device=w_ih.device))
+                self.splits.append(gates)
+            self.h_weight = torch.cat(parts_w).t().contiguous() if parts_w else None
+            self.h_bias = torch.cat(parts_b) if parts_b else None
+            self.w_hh0 = None if self.fused_hh else first.weight_hh.detach().t().contiguous()
+            if decoder.attention is not None:
+                self.score_weight = 2 * decoder.attention.score.weight.detach().view(-1)  # (A,), doubled
+            self.classifier_weight = decoder.classifier.weight.detach().t().contiguous()
+            self.classifier_bias = decoder.classifier.bias.detach()
+
+    def prepare(self, grid: Tensor) -> tuple[Memory, State]:
+        """The decoder's own ``prepare``, with the attention keys doubled (for sigmoid(2x))."""
+        memory, state = self._decoder().prepare(grid)
+        if memory:
+            memory = (memory[0], 2 * memory[1])
+        return memory, state
+
+    def _attend(self, features: Tensor, keys: Tensor, query: Tensor) -> Tensor:
+        """Context (B * G, C) for doubled queries (B * G, A) over ``features`` (B, N, C) and doubled ``keys``."""
+        images, n, a = keys.shape
+        query = query.view(images, -1, 1, a)
+        per_image = query.size(1) * n * a * keys.element_size()
+        chunk = max(1, ATTENTION_CHUNK_BYTES // per_image)
+        scores = []
+        for start in range(0, images, chunk):
+            energy = keys[start : start + chunk].unsqueeze(1) + query[start : start + chunk]  # (b, G, N, A)
+            scores.append(torch.matmul(energy.sigmoid_(), self.score_weight))  # (b, G, N)
+        alpha = (torch.cat(scores) if len(scores) > 1 else scores[0]).softmax(dim=2)
+        return torch.bmm(alpha, features).flatten(0, 1)
+
+    def _cell(self, gates: Tensor, hh: Tensor | None, h: Tensor, c: Tensor | None, layer: int) -> tuple[Tensor, ...]:
+        """One cell update from its input gates (input side incl. biases) and recurrent gates ``hh`` (no bias)."""
+        if self.cell == "lstm":
+            gates = gates + hh
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+        if self.cell == "gru":
+            hh = hh + self.hh_bias[layer]
+            i_r, i_z, i_n = gates.chunk(3, dim=1)
+            h_r, h_z, h_n = hh.chunk(3, dim=1)
+            r = torch.sigmoid(i_r + h_r)
+            z = torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            return ((1 - z) * n + z * h,)
+        return (torch.tanh(gates + hh),)
+
+    def step(
+        self, tokens: Tensor, state: State, memory: Memory, active: Tensor | None = None
+    ) -> tuple[Tensor, State, None]:
+        """``CaptionDecoder.step`` in eval mode: logits (batch, vocab) and the new state (no attention weights).
+
+        ``active`` (batch,) bool, optional, marks the rows whose results will be read: the others (beam search's
+        finished beams) still attend, since their image's beams attend together, but skip the cell and the
+        classifier; their logits come back as zeros and their state unchanged.
+        """
+        fused: tuple[Tensor, ...] = ()
+        if self.h_weight is not None:  # [query | beta | layer-0 recurrent gates] from the top layer's h
+            fused = torch.addmm(self.h_bias, state[0][:, -1], self.h_weight).split(self.splits, dim=1)
+        context = None
+        if self.config.conditioning == "attention":
+            context = self._attend(memory[0], memory[1], fused[0])
+        if active is None or bool(active.all()):
+            logits, new_state = self._advance(tokens, state, fused, context)
+            return logits, new_state, None
+        rows = active.nonzero().squeeze(1)
+        logits, new_rows = self._advance(
+            tokens[rows], tuple(s[rows] for s in state), tuple(f[rows] for f in fused),
+            None if context is None else context[rows],
+        )  # fmt: skip
+        all_logits = logits.new_zeros(tokens.size(0), logits.size(1)).index_copy_(0, rows, logits)
+        return all_logits, tuple(s.index_copy(0, rows, n) for s, n in zip(state, new_rows, strict=True)), None
+
+    def _advance(
+        self, tokens: Tensor, state: State, fused: tuple[Tensor, ...], context: Tensor | None
+    ) -> tuple[Tensor, State]:
+        """The cells and the classifier, given the fused products on h and the attention's context."""
+        h_prev = state[0]
+        gates = self.word_gates[tokens]  # (batch, gates): the word's share of the first cell's input gates
+        if context is not None:
+            gates = torch.addmm(gates, torch.sigmoid(fused[1]).mul_(context), self.context_weight)
+        hh0 = fused[-1] if self.fused_hh else h_prev[:, 0] @ self.w_hh0
+        new_h, new_c = [], []
+        out = self._cell(gates, hh0, h_prev[:, 0], state[1][:, 0] if self.cell == "lstm" else None, 0)
+        for layer in range(self.layers):
+            if layer > 0:
+                w_ih, w_hh, bias = self.upper[layer - 1]
+                x = new_h[-1]
+                h = h_prev[:, layer]
+                out = self._cell(torch.addmm(bias, x, w_ih), h @ w_hh, h,
+                                 state[1][:, layer] if self.cell == "lstm" else None, layer)
+            new_h.append(out[0])
+            if self.cell == "lstm":
+                new_c.append(out[1])
+        h_stack = torch.stack(new_h, dim=1)
+        new_state: State = (h_stack, torch.stack(new_c, dim=1)) if self.cell == "lstm" else (h_stack,)
+        return torch.addmm(self.classifier_bias, new_h[-1], self.classifier_weight), new_state
+
+
+_CACHE: weakref.WeakKeyDictionary[CaptionDecoder, tuple[tuple, FastDecoder]] = weakref.WeakKeyDictionary()
+
+
+def fast_decoder(decoder: CaptionDecoder) -> FastDecoder | CaptionDecoder:
+    """The :class:`FastDecoder` of ``decoder`` (built once per set of weights), or ``decoder`` itself in train mode.
+
+    The cache key is every parameter's storage, version counter, dtype and device, so an optimizer step, a
+    ``load_state_dict`` or a ``.to()`` rebuilds the tables instead of serving stale ones. Weights that are
+    inference tensors (made under ``torch.inference_mode``) have no version counter: their tables are not cached.
+    """
+    if decoder.training:
+        return decoder
+    if any(p.is_inference() for p in decoder.parameters()):
+        # Weights created under inference_mode have no version counter to key a cache on: build afresh.
+        return FastDecoder(decoder)
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in decoder.parameters())
+    cached = _CACHE.get(decoder)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fast = FastDecoder(decoder)
+    _CACHE[decoder] = (key, fast)
+    return fast
