@@ -18,7 +18,7 @@ from pathlib import Path
 
 from captioner import caption_command
 from captioner.errors import CaptionerError
-from service import cli as serve_command
+from service import serve_command
 from training import evaluate_command, prepare_command, train_command
 
 # Each module adds its sub-commands; the function a sub-command runs is stored as ``args.run``.

@@ -192,13 +192,13 @@ def decode(
     return results
 
 
-Stepper = CaptionDecoder | FastDecoder  # anything with the decoder's prepare() and step()
+Stepper = CaptionDecoder | FastDecoder  # anything with the decoder's memory_and_state() and step()
 
 
 def _decode_group(
     decoder: Stepper, grid: Tensor, vocab: Vocabulary, options: DecodingOptions
 ) -> list[list[Hypothesis]]:
-    memory, state = decoder.prepare(grid)
+    memory, state = decoder.memory_and_state(grid)
     if options.strategy == "greedy":
         return [[h] for h in _greedy(decoder, memory, state, vocab, options)]
     return _beam_search(decoder, memory, state, vocab, options)

@@ -39,7 +39,7 @@ ATTENTION_CHUNK_BYTES = 1 << 20
 
 
 class FastDecoder:
-    """``prepare`` and ``step`` of a :class:`CaptionDecoder` in eval mode, computed with precomputed tables."""
+    """``memory_and_state`` and ``step`` of a :class:`CaptionDecoder` in eval mode, computed with precomputed tables."""
 
     def __init__(self, decoder: CaptionDecoder) -> None:
         if decoder.training:
@@ -92,9 +92,9 @@ class FastDecoder:
             self.classifier_weight = decoder.classifier.weight.detach().t().contiguous()
             self.classifier_bias = decoder.classifier.bias.detach()
 
-    def prepare(self, grid: Tensor) -> tuple[Memory, State]:
-        """The decoder's own ``prepare``, with the attention keys doubled (for sigmoid(2x))."""
-        memory, state = self._decoder().prepare(grid)
+    def memory_and_state(self, grid: Tensor) -> tuple[Memory, State]:
+        """The decoder's own ``memory_and_state``, with the attention keys doubled (for sigmoid(2x))."""
+        memory, state = self._decoder().memory_and_state(grid)
         if memory:
             memory = (memory[0], 2 * memory[1])
         return memory, state

@@ -107,7 +107,7 @@ class CaptionDecoder(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
         self.classifier = nn.Linear(c.hidden_dim, c.vocab_size)
 
-    def prepare(self, grid: Tensor) -> tuple[Memory, State]:
+    def memory_and_state(self, grid: Tensor) -> tuple[Memory, State]:
         """Turn an encoder grid (batch, C, H, W) into the attention memory and the initial recurrent state."""
         features = grid.flatten(2).transpose(1, 2)  # (batch, N, C)
         pooled = features.mean(dim=1)
@@ -161,7 +161,7 @@ class CaptionDecoder(nn.Module):
 
     def forward(self, grid: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
         """Teacher forcing: logits for predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]`` are returned for all T."""
-        memory, state = self.prepare(grid)
+        memory, state = self.memory_and_state(grid)
         logits, _, alphas = self.forward_from(tokens, state, memory)
         return logits, alphas
 

@@ -127,7 +127,7 @@ class Engine:
             raise ApiError(503, "not_ready", "the model is still loading; retry shortly", {"Retry-After": "5"})
         return self.captioner
 
-    def prepare(self, data: bytes) -> TimedImage:
+    def read_upload(self, data: bytes) -> TimedImage:
         """Read and resize an upload with the library's one image path (raises its image errors for bad bytes)."""
         captioner = self.require()
         started = time.perf_counter()

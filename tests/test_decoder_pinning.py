@@ -47,7 +47,7 @@ def reference_beam_search(
     word; a finished beam proposes only itself, unchanged. The K proposals of highest
     ``log_prob / (words + <end>) ** length_penalty`` become the new beams.
     """
-    memory, state = decoder.prepare(grid)
+    memory, state = decoder.memory_and_state(grid)
     k = options.beam_size
 
     def norm(length: int) -> float:

@@ -36,8 +36,8 @@ def test_fast_step_equals_the_reference_step(
     fast = FastDecoder(decoder)
     grid = torch.randn(3, 24, 2, 2, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        memory, state = decoder.prepare(grid)
-        fast_memory, fast_state = fast.prepare(grid)
+        memory, state = decoder.memory_and_state(grid)
+        fast_memory, fast_state = fast.memory_and_state(grid)
         state = fast_state = tuple(s.repeat_interleave(2, dim=0) for s in state)
         tokens = torch.randint(0, 40, (6,), generator=torch.Generator().manual_seed(2))
         for _ in range(4):
@@ -100,7 +100,7 @@ def test_inactive_rows_skip_the_step(cell: str, conditioning: str, layers: int) 
     fast = FastDecoder(decoder)
     grid = torch.randn(2, 24, 2, 2, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        memory, state = fast.prepare(grid)
+        memory, state = fast.memory_and_state(grid)
         state = tuple(s.repeat_interleave(3, dim=0) + 0.1 * torch.arange(6.0).view(6, 1, 1) for s in state)
         tokens = torch.tensor([4, 5, 6, 7, 8, 9])
         active = torch.tensor([True, False, True, False, False, True])

@@ -70,7 +70,7 @@ def test_every_setting_is_documented_in_the_readme() -> None:
 
 def test_serve_command_is_registered() -> None:
     from captioner.cli import build_parser
-    from service import cli
+    from service import serve_command as cli
 
     args = build_parser().parse_args(["serve", "--model", "m", "--port", "9001", "--no-batching"])
     assert (args.run, args.model, args.port, args.host, args.no_batching) == (cli.run, "m", 9001, "127.0.0.1", True)

@@ -127,7 +127,7 @@ def scst_loss(
         greedy_rewards = [cider.score(i, vocab.decode(h[0].tokens)) for i, h in zip(image_ids, greedy, strict=True)]
         baselines = torch.tensor(greedy_rewards).repeat_interleave(samples)
 
-    memory, state = decoder.prepare(grid)
+    memory, state = decoder.memory_and_state(grid)
     state = tuple(s.repeat_interleave(samples, dim=0) for s in state)  # the samples share their image's memory
     words, log_prob = sample_captions(decoder, memory, state, vocab, max_length)
     rewards = torch.tensor(

@@ -168,14 +168,14 @@ def tbptt_backward(decoder: CaptionDecoder, grid: Tensor, tokens: Tensor, config
     """
     chunk, inputs_all, targets_all = config.train.tbptt, tokens[:, :-1], tokens[:, 1:]
     total_tokens = int((targets_all != pad).sum())
-    _, state = decoder.prepare(grid)
+    _, state = decoder.memory_and_state(grid)
     total = 0.0
     for start in range(0, tokens.size(1) - 1, chunk):
         inputs, targets = inputs_all[:, start : start + chunk], targets_all[:, start : start + chunk]
         n = int((targets != pad).sum())
         if n == 0:
             break
-        memory, fresh_state = decoder.prepare(grid)  # recompute per chunk: chunk graphs stay independent
+        memory, fresh_state = decoder.memory_and_state(grid)  # recompute per chunk: chunk graphs stay independent
         state = fresh_state if start == 0 else tuple(s.detach() for s in state)
         logits, state, alphas = decoder.forward_from(inputs, state, memory)
         loss = masked_cross_entropy(logits, targets, pad, config.train.label_smoothing) * (n / total_tokens)

@@ -7,7 +7,7 @@ from flask import Blueprint, Response, jsonify, request
 from captioner.tags import Tag
 from service.errors import ApiError
 from service.params import read_uploads, request_options
-from service.routes.common import caption_json, elapsed_ms, engine, model_json, prepare, settings
+from service.routes.common import caption_json, elapsed_ms, engine, model_json, read_upload, settings
 
 bp = Blueprint("captions", __name__)
 
@@ -25,7 +25,7 @@ def create_caption() -> Response:
     upload = read_uploads(request, max_files=1)[0]
     options = request_options(request, captioner)
     with eng.expecting(1) as ticket:
-        image = prepare(upload.data, ticket)
+        image = read_upload(upload.data, ticket)
         result = eng.caption([image], options, ticket)[0]
     return jsonify({
         "captions": [caption_json(c) for c in result.captions],
@@ -57,7 +57,7 @@ def create_captions_batch() -> Response:
         for index, upload in enumerate(uploads):
             entry: dict = {"index": index, "filename": upload.filename}
             try:
-                image = prepare(upload.data, ticket)
+                image = read_upload(upload.data, ticket)
             except ApiError as error:
                 entry["error"] = error.to_json() | {"status": error.status}
             else:

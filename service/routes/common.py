@@ -26,10 +26,10 @@ def settings() -> Settings:
     return engine().settings
 
 
-def prepare(data: bytes, ticket: Ticket | None = None) -> TimedImage:
+def read_upload(data: bytes, ticket: Ticket | None = None) -> TimedImage:
     """Decode an upload in the request thread; bad bytes become 413/415/422 API errors (and are counted)."""
     try:
-        prepared = engine().prepare(data)
+        prepared = engine().read_upload(data)
     except ImageError as exc:
         if ticket is not None:
             ticket.release()  # no batch should wait for this image

@@ -12,7 +12,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from service.errors import ApiError, error_response
 from service.params import read_uploads
-from service.routes.common import engine, prepare
+from service.routes.common import engine, read_upload
 
 bp = Blueprint("max_api", __name__)
 
@@ -32,7 +32,7 @@ def predict() -> Response:
     upload = read_uploads(request, max_files=1)[0]
     options = eng.options(num_captions=min(MAX_PREDICTIONS, eng.options().width))
     with eng.expecting(1) as ticket:
-        result = eng.caption([prepare(upload.data, ticket)], options, ticket)[0]
+        result = eng.caption([read_upload(upload.data, ticket)], options, ticket)[0]
     predictions = [
         {"index": str(i), "caption": c.text, "probability": c.probability} for i, c in enumerate(result.captions)
     ]

@@ -10,7 +10,7 @@ import logging
 
 from captioner.runtime import RUNTIME_CHOICES
 
-log = logging.getLogger("service.cli")
+log = logging.getLogger("service.serve_command")
 
 EXAMPLES = """\
 examples:
