@@ -27,10 +27,11 @@ from captioner.api import DEFAULT_MODEL_DIR, Caption, Captioner
 from captioner.batch import caption_record
 from captioner.checkpoint import CaptionModel, load_model, save_model
 from captioner.cli import main
-from captioner.encoder import BACKBONES, Encoder, build_encoder, resolve_weights
+from captioner.encoder import BACKBONES, build_encoder, resolve_weights
 from captioner.errors import CheckpointError
 from captioner.model import CaptionDecoder
 from captioner.preprocess import PreprocessConfig, preprocess
+from captioner.runtime import TorchRuntime, _CompiledRuntime
 from captioner.tags import IMAGENET_LABELS, Tag, TagHead, pretrained_head
 from service.app import create_app
 from service.routes.common import ENGINE_KEY
@@ -304,13 +305,15 @@ def test_http_captions_and_batch_carry_tags(client: FlaskClient, tagged: Caption
 def encoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The batch size of every encoder pass from here on (any model, any door in this process)."""
     calls: list[int] = []
-    forward = Encoder.forward
+    # Every encoder runtime (torch eager, or a compiled graph) is called through its __call__.
+    for runtime in (TorchRuntime, _CompiledRuntime):
+        call = runtime.__call__
 
-    def counted(self: Encoder, images: torch.Tensor) -> torch.Tensor:
-        calls.append(len(images))
-        return forward(self, images)
+        def counted(self: object, images: torch.Tensor, call=call) -> torch.Tensor:  # noqa: ANN001
+            calls.append(len(images))
+            return call(self, images)
 
-    monkeypatch.setattr(Encoder, "forward", counted)
+        monkeypatch.setattr(runtime, "__call__", counted)
     return calls
 
 
