@@ -21,7 +21,6 @@ Conventions shared by both strategies:
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -185,8 +184,7 @@ def decode(
         groups.setdefault(opts, []).append(index)
     results: list[list[Hypothesis]] = [[] for _ in per_image]
     with torch.inference_mode():
-        # In eval mode, the same step with precomputed tables (fast_decoder.py), when switched on.
-        stepper = fast_decoder(decoder) if FAST_DECODER else decoder
+        stepper = fast_decoder(decoder)  # in eval mode, the same step with precomputed tables (fast_decoder.py)
         for opts, indices in groups.items():
             rows = grid if len(indices) == len(per_image) else grid[torch.tensor(indices, device=grid.device)]
             for index, hyps in zip(indices, _decode_group(stepper, rows, vocab, opts), strict=True):
@@ -194,10 +192,6 @@ def decode(
     return results
 
 
-# The inference fast path (captioner/fast_decoder.py, same captions, 1.26-1.34x) is opt-in with
-# CAPTIONER_FAST_DECODER=1: the full test suite once segfaulted when a training run followed it in one process, a
-# crash not yet understood (issue #11), so the default is the plain decoder.
-FAST_DECODER = os.environ.get("CAPTIONER_FAST_DECODER", "0") == "1"
 Stepper = CaptionDecoder | FastDecoder  # anything with the decoder's memory_and_state() and step()
 
 

@@ -261,9 +261,8 @@ def test_invalid_options_raise(options: dict) -> None:
 
 
 @pytest.mark.parametrize("conditioning", ["init", "attention"])
-def test_settled_images_leave_the_beam_batch(conditioning: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settled_images_leave_the_beam_batch(conditioning: str) -> None:
     """Images whose beams have all ended drop out of later steps, and this changes no result."""
-    monkeypatch.setattr("captioner.decoding.FAST_DECODER", True)  # the opt-in fast path: what is counted below
     decoder, vocab = decoder_and_vocab("lstm", conditioning)
     batch_sizes: list[int] = []
     stepper = fast_decoder(decoder)  # what decode() steps with (the decoder's inference fast path)
