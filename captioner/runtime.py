@@ -16,6 +16,7 @@ no cache directory is writable (a read-only install), the graph is exported to a
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -25,7 +26,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from torch import Tensor
 
 from captioner.atomic import atomic_write_bytes
 from captioner.encoder import Encoder
+
+if TYPE_CHECKING:  # optional: imported on first use
+    import openvino
 
 RUNTIMES = ("torch", "openvino", "onnxruntime")
 AUTO = "auto"
@@ -138,15 +142,26 @@ class OpenVINORuntime(_CompiledRuntime):
 
     def __init__(self, onnx_path: Path, image_size: int, device: torch.device) -> None:
         super().__init__(image_size, device)
-        import openvino
-
-        core = openvino.Core()
         config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-        self.compiled = core.compile_model(str(onnx_path), "CPU", config)
+        self.compiled = openvino_core().compile_model(str(onnx_path), "CPU", config)
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         request = self.compiled.create_infer_request()  # one per call: safe from several threads at once
         return np.array(request.infer({0: images})[0], copy=True)
+
+
+@functools.cache
+def openvino_core() -> openvino.Core:
+    """The process's one OpenVINO ``Core``, never destroyed.
+
+    Each Core's CPU plugin swaps the calling thread's signal alternate stack for one it maps itself, and unmaps it
+    when the Core is destroyed, restoring the previous one only if its own is still current. Two Cores destroyed
+    in the order they were made leave the thread with an unmapped alternate stack, and the next Python signal
+    handler that runs on it (SIGCHLD after a DataLoader with workers, SIGTERM, SIGINT) kills the process with
+    SIGSEGV. One Core that lives as long as the process never unmaps it (tests/test_runtime.py pins this)."""
+    import openvino
+
+    return openvino.Core()
 
 
 class OnnxRuntimeRuntime(_CompiledRuntime):

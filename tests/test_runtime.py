@@ -194,3 +194,54 @@ def test_service_loads_the_configured_runtime(runtime: str, tiny_model_dir: Path
         assert response.status_code == 200, response.get_data(as_text=True)
     finally:
         app.extensions[ENGINE_KEY].close()
+
+
+# Run in a child process: the failure this guards against is a SIGSEGV that would take the test session with it.
+_SIGNAL_AFTER_RUNTIMES = r"""
+import ctypes, gc, signal, subprocess, sys
+sys.path[:0] = sys.argv[1:]
+from conftest import tiny_model
+from captioner.api import Captioner
+
+class Stack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+def alternate_stack_is_mapped() -> bool:
+    stack = Stack()
+    ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack))
+    if not stack.ss_sp:
+        return True
+    for line in open("/proc/self/maps"):
+        low, high = (int(x, 16) for x in line.split()[0].split("-"))
+        if low <= stack.ss_sp < high:
+            return True
+    return False
+
+first = Captioner(tiny_model(seed=1), runtime="openvino")
+second = Captioner(tiny_model(seed=2), runtime="openvino")
+del first  # destroyed in the order they were made, not the reverse
+gc.collect()
+del second
+gc.collect()
+assert alternate_stack_is_mapped(), "the thread's signal alternate stack was unmapped"
+signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # as torch's DataLoader does with workers
+subprocess.run(["true"], check=True)
+print("survived")
+"""
+
+
+def test_openvino_runtimes_leave_signal_handling_intact(tmp_path: Path) -> None:
+    """Regression: each OpenVINO Core swapped the thread's signal alternate stack and unmapped it when destroyed, so
+    two runtimes freed first-made-first left an unmapped stack; the next SIGCHLD (the java tokenizer exiting after
+    a DataLoader had set a handler) killed the whole test session with SIGSEGV. One process-wide Core fixes it."""
+    _require("openvino")
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AFTER_RUNTIMES, str(tests), str(tests.parent)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert result.stdout.strip().endswith("survived")
