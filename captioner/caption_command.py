@@ -139,7 +139,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                         help="images decoded together; larger is faster on a GPU, uses more memory (default: 32)")
     parser.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
-                        help="image-loading processes (default: min(4, CPU cores); 0: load in the main process)")
+                        help="image-loading processes (default: min(4, CPU cores); 0: load in the main process); "
+                             "--engine ray: most preprocessing tasks at once (default: as free CPUs allow)")
     add_device_argument(parser)
     parser.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
                         help="encoder runtime (default: auto, the fastest installed; torch is the reference)")
@@ -302,7 +303,7 @@ def _run_on_ray(
 
     settings = ray_engine.RaySettings(
         address=args.ray_address, actors=args.actors, batch_size=args.actor_batch_size or args.batch_size,
-        actor_cpus=args.actor_cpus, device=args.device,
+        actor_cpus=args.actor_cpus, readers=args.workers or None, device=args.device,
         model=str(Path(args.model).resolve()) if args.model else None,  # actors may run in another directory
         runtime=args.runtime, num_tags=num_tags,
     )

@@ -35,7 +35,8 @@ def ray_env(temp_dir: Path) -> dict[str, str]:
     /tmp/ray), no usage stats, one torch thread, this checkout first on the path."""
     env = dict(os.environ)
     env.update({
-        "RAY_DISABLE_USAGE_STATS": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
+        "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_USAGE_DISABLED": "1",
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
         "RAY_TMPDIR": str(temp_dir), "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     })

@@ -140,7 +140,7 @@ def test_ray_engine_captions_s3_like_the_local_engine_and_resumes_after_a_kill(
 ) -> None:
     out = tmp_path / "ray.jsonl"
     args = ["caption", "s3://photos/ray/", "-r", "--model", model_dir, "--runtime", "torch", "--engine", "ray",
-            "--actor-batch-size", "4", "--out", out]
+            "--actor-batch-size", "4", "--workers", "1", "--out", out]
 
     # 1. Without --ray-address the command starts its own local Ray; it is killed (SIGKILL, no clean-up, its Ray
     # processes with it) once some batches are written.

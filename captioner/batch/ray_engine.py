@@ -40,7 +40,7 @@ from captioner.tags import DEFAULT_NUM_TAGS
 
 PREPROCESS_CPUS = 0.5  # what each preprocessing task reserves
 # Quiet, lean Ray processes: no usage reporting, no dashboard.
-RAY_ENV = {"RAY_DISABLE_USAGE_STATS": "1"}
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_USAGE_DISABLED": "1"}
 
 
 def preprocess_batch(
@@ -148,6 +148,7 @@ class RaySettings:
     actors: int | None = None  # model actors; None: one per GPU, or (CPUs - 1) CPU actors (at least 1)
     batch_size: int = 32  # images per actor call
     actor_cpus: float = 1.0  # CPUs each actor reserves (and its torch threads on CPU)
+    readers: int | None = None  # most preprocessing tasks at once; None: as many as free CPUs allow
     device: str = "auto"  # "auto": GPU actors when the cluster has GPUs; "cpu"; "cuda"
     model: str | None = None  # a model directory readable at this path on every node (None: the bundled model)
     runtime: str = AUTO
@@ -164,17 +165,15 @@ def start_ray(settings: RaySettings) -> None:
     if ray.is_initialized():
         return
     os.environ.update({k: v for k, v in RAY_ENV.items() if k not in os.environ})
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "warning"}
+    if settings.address is None:  # a local instance: its workers inherit this environment
+        ray.init(include_dashboard=False, num_cpus=settings.num_cpus, **kwargs)
+        return
+    # A cluster's workers get the AWS settings, and this checkout's captioner when it comes from PYTHONPATH.
     env_vars = {**RAY_ENV, **aws_environment()}
-    # The workers import this checkout's captioner (an editable install or PYTHONPATH), as the driver does.
     if "PYTHONPATH" in os.environ:
         env_vars["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": False,
-                              "logging_level": "warning", "configure_logging": True}
-    if settings.address is None:
-        kwargs |= {"include_dashboard": False, "num_cpus": settings.num_cpus}
-        ray.init(**kwargs)
-    else:
-        ray.init(address=settings.address, **kwargs)
+    ray.init(address=settings.address, runtime_env={"env_vars": env_vars}, **kwargs)
 
 
 def _plan(settings: RaySettings) -> tuple[int, float, float]:
@@ -217,6 +216,7 @@ def ray_record_batches(
         # Half a CPU each: two decode per free core, and resources unlike the actors' keep Ray Data from fusing
         # this step into the actors (the actors' CPUs would then decode instead of caption).
         batch_size=settings.batch_size, num_cpus=PREPROCESS_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=settings.readers),
     )
     dataset = dataset.map_batches(
         CaptionImages,
