@@ -20,6 +20,7 @@ Ray is imported only inside these functions: the local engine does not need it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -206,6 +207,7 @@ def ray_record_batches(
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the command draws its own
     context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices would interleave with the command's
     actors, actor_cpus, actor_gpus = _plan(settings)
     # Blocks of one actor batch: records stream back in batches, and the scheduler balances them across actors.
     blocks = max(1, -(-len(paths) // settings.batch_size))
