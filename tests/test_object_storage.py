@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,6 +117,15 @@ def test_local_engine_captions_urls_like_files(
     assert main(["caption", memory_bucket, "-r", "--model", str(model_dir), "--runtime", "torch", "--workers", "0",
                  "--out", str(out), "--resume", "-q"]) == 1
     assert len(_records(out)) == len(records) + 1
+
+
+def test_the_local_engine_imports_no_ray_pyarrow_or_boto() -> None:
+    """Also a guard for the suite: these native libraries must stay out of the pytest process (subprocesses only)."""
+    import captioner.batch
+    import captioner.caption_command
+    import captioner.cli  # noqa: F401
+
+    assert not {"ray", "s3fs", "botocore", "aiobotocore", "pyarrow"} & set(sys.modules)
 
 
 # --- a real S3-compatible server -------------------------------------------------------------------------------------

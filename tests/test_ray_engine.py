@@ -176,3 +176,14 @@ def test_ray_engine_captions_s3_like_the_local_engine_and_resumes_after_a_kill(
     expected = {Path(i).relative_to(photos).as_posix(): {**r, "image": ""} for i, r in local_records.items()}
     assert_same_records(by_name, expected)
     assert {name for name, r in expected.items() if "error" in r} == BROKEN
+
+
+def test_without_ray_the_ray_engine_is_a_usage_error(
+    photos: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import captioner.caption_command as command
+
+    real = command.importlib.util.find_spec
+    monkeypatch.setattr(command.importlib.util, "find_spec", lambda name: None if name == "ray" else real(name))
+    assert main(["caption", str(photos), "--engine", "ray"]) == 2
+    assert "pip install 'captioner[ray]'" in capsys.readouterr().err
