@@ -230,7 +230,9 @@ def ray_record_batches(
         batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=actor_cpus, num_gpus=actor_gpus,
     )
-    for batch in dataset.select_columns(["record"]).iter_batches(batch_size=None, batch_format="numpy"):
+    # No select_columns here: it would be one more task operator, whose tasks wait for a free CPU (the actors and
+    # readers hold them), so records would only come back once every image was read.
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         yield [json.loads(text) for text in batch["record"]]
 
 
