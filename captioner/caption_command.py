@@ -11,6 +11,7 @@ when interrupted.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import threading
@@ -27,16 +28,18 @@ from captioner.batch import (
     BatchStats,
     Completed,
     Record,
+    RecordWriter,
     Shard,
     default_workers,
     discover_images,
     infer_format,
     open_writer,
+    path_exists,
     rank_output_path,
     read_completed,
     run_batch,
 )
-from captioner.decoding import OPTION_SPECS, OptionSpec, parse_option
+from captioner.decoding import OPTION_SPECS, DecodingOptions, OptionSpec, parse_option
 from captioner.distributed import Launch
 from captioner.errors import CaptionerError
 from captioner.runtime import RUNTIME_CHOICES
@@ -51,6 +54,7 @@ examples:
   captioner caption captioner/samples/*.jpg
   captioner caption photos/ -r --out captions.jsonl --resume
   captioner caption "photos/**/*.png" -r --num-captions 3 --out captions.csv
+  captioner caption s3://bucket/photos/ -r --engine ray --ray-address auto --out captions.jsonl --resume
 """
 
 
@@ -97,6 +101,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def _shard(text: str) -> Shard:
     try:
         return Shard.parse(text)
@@ -128,7 +139,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                         help="images decoded together; larger is faster on a GPU, uses more memory (default: 32)")
     parser.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
-                        help="image-loading processes (default: min(4, CPU cores); 0: load in the main process)")
+                        help="image-loading processes (default: min(4, CPU cores); 0: load in the main process); "
+                             "--engine ray: most preprocessing tasks at once (default: as free CPUs allow)")
     add_device_argument(parser)
     parser.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
                         help="encoder runtime (default: auto, the fastest installed; torch is the reference)")
@@ -136,6 +148,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="skip images already in --out (jsonl/csv) and append the rest")
     parser.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                         help="caption only share I of N (0 <= I < N); default under torchrun: RANK/WORLD_SIZE")
+    engine = parser.add_argument_group("engines", "where the work runs: this process and its DataLoader workers "
+                                       "(local), or a Ray cluster (ray: pip install 'captioner[ray]')")
+    engine.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local (default) or ray: Ray Data tasks read the images, model actors caption them")
+    engine.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="Ray cluster to join (auto, HOST:PORT, ray://HOST:10001; default: start a local one)")
+    engine.add_argument("--actors", type=_positive_int, default=None, metavar="N",
+                        help="model actors (default: one per GPU, else one per CPU less one)")
+    engine.add_argument("--actor-batch-size", type=_positive_int, default=None, metavar="B",
+                        help="images per actor call (default: --batch-size)")
+    engine.add_argument("--actor-cpus", type=_positive_float, default=1.0, metavar="C",
+                        help="CPUs each actor reserves, and its threads on a CPU (default: 1)")
+    parser.add_argument("--endpoint-url", default=None, metavar="URL",
+                        help="S3-compatible server for s3:// inputs (default: $AWS_ENDPOINT_URL, else AWS)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar; a summary only when images failed")
     parser.add_argument("--progress", action="store_true",
                         help="show the progress bar even when stderr is not a terminal (default: only on one)")
@@ -186,8 +212,19 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.format or infer_format(out)
     if args.resume and out is None:
         return _error("--resume needs --out")
+    ray = args.engine == "ray"
+    if not ray and (args.ray_address or args.actors or args.actor_batch_size):
+        return _error("--ray-address, --actors and --actor-batch-size need --engine ray")
+    if ray and importlib.util.find_spec("ray") is None:
+        return _error("--engine ray needs Ray: pip install 'captioner[ray]'")
+    if args.endpoint_url:  # botocore (s3fs) reads it, here, in DataLoader workers and in Ray's workers
+        os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
     try:
-        device = resolve_device(args.device)
+        # The Ray engine's actors take the cluster's GPUs (or not: --device cpu); this process only reads the model's
+        # settings, on its CPU.
+        if ray and args.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--engine ray takes --device auto, cpu or cuda, got {args.device!r}")
+        device = resolve_device("cpu" if ray else args.device)
         paths = discover_images(args.paths, args.recursive, args.from_list)
         problem = _input_problem(paths)
         if problem:  # before the model loads: a typo should not cost seconds
@@ -195,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         total = len(paths)
         if shard is not None:
             paths = shard.select(paths)
-        captioner = Captioner.load(args.model, device=device, runtime=args.runtime)
+        captioner = Captioner.load(args.model, device=device, runtime="torch" if ray else args.runtime)
         num_tags = args.tags if captioner.has_tags else 0
         completed = read_completed(out, fmt, args.num_captions or 1, num_tags > 0) if args.resume else Completed()
         todo = completed.remaining(paths)
@@ -224,7 +261,10 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        stats = run_batch(captioner, todo, options, writer, args.batch_size, workers, on_batch, num_tags)
+        if ray:
+            stats = _run_on_ray(args, captioner, todo, options, writer, on_batch, num_tags)
+        else:
+            stats = run_batch(captioner, todo, options, writer, args.batch_size, workers, on_batch, num_tags)
         writer.close()
     except KeyboardInterrupt:
         writer.abort()
@@ -232,6 +272,9 @@ def run(args: argparse.Namespace) -> int:
         hint = f"; rerun with --resume to continue {out}" if out is not None and fmt != "coco" else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except RayEngineError as exc:
+        writer.abort()
+        return _error(exc)
     except BaseException:
         writer.abort()
         raise
@@ -246,12 +289,43 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_FAILED_IMAGES if failed else 0
 
 
+class RayEngineError(CaptionerError):
+    """Ray could not be started or joined, or the cluster cannot run the job."""
+
+
+def _run_on_ray(
+    args: argparse.Namespace, captioner: Captioner, todo: list[str], options: DecodingOptions,
+    writer: RecordWriter, on_batch: Callable[[list[Record]], None], num_tags: int,
+) -> BatchStats:
+    """``--engine ray``: the same records through :mod:`captioner.batch.ray_engine`; Ray stops (or the cluster is
+    left) when the run ends, however it ends."""
+    from captioner.batch import ray_engine
+
+    settings = ray_engine.RaySettings(
+        address=args.ray_address, actors=args.actors, batch_size=args.actor_batch_size or args.batch_size,
+        actor_cpus=args.actor_cpus, readers=args.workers or None, device=args.device,
+        model=str(Path(args.model).resolve()) if args.model else None,  # actors may run in another directory
+        runtime=args.runtime, num_tags=num_tags,
+    )
+    try:
+        try:
+            ray_engine.start_ray(settings)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RayEngineError(f"cannot start or join Ray ({args.ray_address or 'local'}): {exc}") from exc
+        try:
+            return ray_engine.run_ray_batch(todo, options, writer, settings, captioner.preprocess_config, on_batch)
+        except ValueError as exc:  # e.g. --device cuda on a cluster without GPUs
+            raise RayEngineError(str(exc)) from exc
+    finally:
+        ray_engine.stop_ray()
+
+
 def _input_problem(paths: list[str]) -> str | None:
     """Why there is nothing to caption (checked before the model loads), or None."""
     if not paths:
         return "the PATHs and lists name no image files (folders are scanned for image extensions; add -r for " \
                "sub-folders)"
-    if not any(os.path.lexists(path) for path in paths):
+    if not any(path_exists(path) for path in paths):
         shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
         return f"no such file: {shown}; check the path (quote globs so that the shell leaves them to captioner)"
     return None

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioner.errors import CaptionerError
 from captioner.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, preprocess
+from captioner.storage import is_url, read_bytes
 
 
 class PathTable(Sequence[str]):
@@ -53,9 +54,11 @@ class LoadedImage(NamedTuple):
 
 
 def load_item(path: str, config: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    """Decode and preprocess one file exactly as :meth:`Captioner.load_tensor` does; failures become data."""
+    """Decode and preprocess one file exactly as :meth:`Captioner.load_tensor` does; failures become data. A URL
+    (``s3://bucket/key``) is fetched through fsspec first (:mod:`captioner.storage`)."""
     try:
-        return LoadedImage(path, preprocess(path, config, max_pixels), None)
+        source = read_bytes(path) if is_url(path) else path
+        return LoadedImage(path, preprocess(source, config, max_pixels), None)
     except (CaptionerError, OSError) as exc:
         return LoadedImage(path, None, str(exc) or type(exc).__name__)
     except Exception as exc:  # noqa: BLE001 - one odd file (a decoder bug, an exotic format) must not stop a run

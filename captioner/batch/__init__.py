@@ -17,6 +17,7 @@ from captioner.batch.inputs import (
     discover_images,
     expand_path,
     image_key,
+    path_exists,
     rank_output_path,
     read_path_list,
 )
@@ -50,5 +51,6 @@ __all__ = [
     "ImageBatch", "ImageFiles", "JsonlWriter", "LoadedImage", "PathTable", "Record", "RecordWriter", "Shard",
     "caption_batches", "caption_record", "coco_image_id", "collate", "csv_columns", "default_workers",
     "discover_images", "error_record", "expand_path", "image_key", "infer_format", "load_item", "make_loader",
-    "open_writer", "rank_output_path", "read_completed", "read_path_list", "repair_partial_line", "run_batch",
+    "open_writer", "path_exists", "rank_output_path", "read_completed", "read_path_list", "repair_partial_line",
+    "run_batch",
 ]

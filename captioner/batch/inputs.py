@@ -3,6 +3,9 @@
 * :func:`discover_images` turns files, folders and globs into one sorted, de-duplicated list of paths.
 * :func:`image_key` is the file a path names, whatever its spelling: de-duplication and ``--resume`` use it.
 * :class:`Shard` picks a deterministic share of that list, so N machines (or torchrun ranks) split one job.
+
+A PATH may also be an object-storage URL (``s3://bucket/photos/``, any fsspec protocol: see :mod:`captioner.storage`):
+a prefix is a folder, a glob matches keys, and a URL is kept as it is spelled (it is its own key).
 """
 
 from __future__ import annotations
@@ -18,9 +21,14 @@ from pathlib import Path
 from typing import TextIO
 
 from captioner.distributed import Launch
+from captioner.storage import filesystem, is_url, url_exists
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 _GLOB_CHARS = re.compile(r"[*?[]")
+
+
+def _has_image_extension(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _scan_folder(folder: str, recursive: bool) -> list[str]:
@@ -35,7 +43,34 @@ def _scan_folder(folder: str, recursive: bool) -> list[str]:
     else:
         with os.scandir(folder) as entries:
             found.extend(os.path.join(folder, e.name) for e in entries if e.is_file())
-    return [path for path in found if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS]
+    return [path for path in found if _has_image_extension(path)]
+
+
+def _scan_prefix(fs: object, folder: str, recursive: bool) -> list[str]:
+    """:func:`_scan_folder` for an fsspec filesystem: the image objects under ``folder`` (a bucket prefix)."""
+    if recursive:
+        found = fs.find(folder)  # type: ignore[attr-defined]
+    else:
+        found = [e["name"] for e in fs.ls(folder, detail=True) if e["type"] == "file"]  # type: ignore[attr-defined]
+    return [path for path in found if _has_image_extension(path)]
+
+
+def expand_url(arg: str, recursive: bool = False) -> list[str]:
+    """:func:`expand_path` for an object-storage URL: a prefix (folder) gives its image objects, a glob every key it
+    matches (and the image objects of matched prefixes), anything else is one explicit object. URLs come back with
+    their protocol (``s3://bucket/key``)."""
+    fs, path = filesystem(arg)
+    if _GLOB_CHARS.search(path):
+        found: list[str] = []
+        for match in fs.glob(path):
+            found.extend(_scan_prefix(fs, match, recursive) if fs.isdir(match) else [match])
+        if not found:
+            return [arg]
+    elif fs.isdir(path):
+        found = _scan_prefix(fs, path, recursive)
+    else:
+        return [arg]
+    return [fs.unstrip_protocol(p) for p in found]
 
 
 def expand_path(arg: str, recursive: bool = False) -> list[str]:
@@ -44,8 +79,10 @@ def expand_path(arg: str, recursive: bool = False) -> list[str]:
     A folder gives its image files (by extension); a glob (``*``, ``?``, ``[``; ``**`` with ``recursive``) gives
     every file it matches, whatever the extension, and the image files of every folder it matches. Anything else is
     an explicit file and is always attempted, so a missing or unreadable one gets an error record; a glob that
-    matches nothing is treated the same way.
+    matches nothing is treated the same way. URLs (``s3://...``) go to :func:`expand_url`.
     """
+    if is_url(arg):
+        return expand_url(arg, recursive)
     if os.path.isdir(arg):
         return _scan_folder(arg, recursive)
     if os.path.lexists(arg) or not _GLOB_CHARS.search(arg):
@@ -73,23 +110,29 @@ def image_key(path: str) -> str:
     """The file a path names, whatever its spelling: absolute, with symbolic links and ``..`` resolved.
 
     ``photos/a.jpg``, ``/home/me/photos/a.jpg`` and ``link-to-photos/a.jpg`` have one key, so they are one image
-    for de-duplication and for ``--resume``. A relative path is resolved against the current directory.
+    for de-duplication and for ``--resume``. A relative path is resolved against the current directory. A URL
+    (``s3://bucket/key``) is its own key.
     """
-    return os.path.realpath(path)
+    return path if is_url(path) else os.path.realpath(path)
+
+
+def path_exists(path: str) -> bool:
+    """Whether a discovered path (a local path, or a URL: one request) names something that exists."""
+    return url_exists(path) if is_url(path) else os.path.lexists(path)
 
 
 def discover_images(paths: Iterable[str], recursive: bool = False, list_files: Iterable[str | Path] = ()) -> list[str]:
     """Every image path the arguments and list files stand for: normalised, de-duplicated, in sorted order.
 
-    Paths keep their spelling (``os.path.normpath`` of what was given: relative stays relative), which is what
-    records store; spellings of one file (:func:`image_key`) collapse to the first in sorted order. The order (plain
-    string order of the normalised paths) is the same on every machine that sees the same files, which ``--resume``
-    and ``--shard`` rely on.
+    Paths keep their spelling (``os.path.normpath`` of what was given: relative stays relative; a URL as given),
+    which is what records store; spellings of one file (:func:`image_key`) collapse to the first in sorted order.
+    The order (plain string order of the normalised paths) is the same on every machine that sees the same files,
+    which ``--resume`` and ``--shard`` rely on.
     """
     args = list(paths)
     for file in list_files:
         args.extend(read_path_list(file))
-    found = sorted({os.path.normpath(p) for arg in args for p in expand_path(arg, recursive)})
+    found = sorted({p if is_url(p) else os.path.normpath(p) for arg in args for p in expand_path(arg, recursive)})
     by_file: dict[str, str] = {}
     for path in found:
         by_file.setdefault(image_key(path), path)
