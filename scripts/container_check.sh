@@ -44,10 +44,10 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 ok() { echo "ok: $*"; }
 
 [ "$(id -u)" = 0 ] || fail "run as root (mmdebstrap and buildah's chroot isolation need it)"
-for tool in mmdebstrap buildah podman curl unshare python3; do
+for tool in mmdebstrap buildah podman curl unshare ip python3; do
     if ! command -v "$tool" >/dev/null; then
         step "installing podman buildah mmdebstrap runc (apt)"
-        DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq podman buildah mmdebstrap runc curl \
+        DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq podman buildah mmdebstrap runc curl iproute2 \
             >/dev/null || fail "could not install the container tools"
         break
     fi
@@ -94,33 +94,33 @@ trap 'exit 130' INT TERM
 if [ "$SKIP_BUILD" = 1 ]; then
     buildah "${STORAGE[@]}" inspect --type image "$IMAGE" >/dev/null || fail "SKIP_BUILD=1: no $IMAGE in $WORK"
 else
-step "disk"
-mkdir -p "$WORK"
-free_gb=$(df -P --block-size=1G "$WORK" | awk 'NR == 2 {print $4}')
-echo "$free_gb GB free under $WORK"
-[ "$free_gb" -ge 30 ] || fail "need 30 GB free under $WORK (vfs storage copies every layer)"
+    step "disk"
+    mkdir -p "$WORK"
+    free_gb=$(df -P --block-size=1G "$WORK" | awk 'NR == 2 {print $4}')
+    echo "$free_gb GB free under $WORK"
+    [ "$free_gb" -ge 30 ] || fail "need 30 GB free under $WORK (vfs storage copies every layer)"
 
-step "1. Debian base with mmdebstrap"
-timeout 900 mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates bookworm \
-    "$WORK/rootfs.tar" http://deb.debian.org/debian || fail "mmdebstrap"
-timeout 600 podman "${STORAGE[@]}" import --quiet "$WORK/rootfs.tar" "$BASE" >/dev/null || fail "podman import"
-rm -f "$WORK/rootfs.tar"
-ok "base image $BASE"
+    step "1. Debian base with mmdebstrap"
+    timeout 900 mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates bookworm \
+        "$WORK/rootfs.tar" http://deb.debian.org/debian || fail "mmdebstrap"
+    timeout 600 podman "${STORAGE[@]}" import --quiet "$WORK/rootfs.tar" "$BASE" >/dev/null || fail "podman import"
+    rm -f "$WORK/rootfs.tar"
+    ok "base image $BASE"
 
-step "2. build the image with buildah"
-build_args=(--build-arg "BASE_IMAGE=$BASE" --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
-pip_args="--cert /etc/ssl/host-ca.crt"
-volumes=(-v "$CA_BUNDLE:/etc/ssl/host-ca.crt:ro")
-for index in $PIP_INDEXES; do
-    [ -d "$index/simple" ] || continue
-    pip_args+=" --extra-index-url file://$index/simple"
-    volumes+=(-v "$index:$index:ro")
-done
-build_started=$(date +%s)
-timeout --kill-after=30 3600 buildah "${STORAGE[@]}" bud --isolation chroot --format docker --layers=false \
-    "${build_args[@]}" --build-arg "PIP_EXTRA_ARGS=$pip_args" "${volumes[@]}" -t "$IMAGE" . \
-    > "$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; fail "buildah bud (log above)"; }
-ok "built $IMAGE in $(( $(date +%s) - build_started )) s"
+    step "2. build the image with buildah"
+    build_args=(--build-arg "BASE_IMAGE=$BASE" --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
+    pip_args="--cert /etc/ssl/host-ca.crt"
+    volumes=(-v "$CA_BUNDLE:/etc/ssl/host-ca.crt:ro")
+    for index in $PIP_INDEXES; do
+        [ -d "$index/simple" ] || continue
+        pip_args+=" --extra-index-url file://$index/simple"
+        volumes+=(-v "$index:$index:ro")
+    done
+    build_started=$(date +%s)
+    timeout --kill-after=30 3600 buildah "${STORAGE[@]}" bud --isolation chroot --format docker --layers=false \
+        "${build_args[@]}" --build-arg "PIP_EXTRA_ARGS=$pip_args" "${volumes[@]}" -t "$IMAGE" . \
+        > "$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; fail "buildah bud (log above)"; }
+    ok "built $IMAGE in $(( $(date +%s) - build_started )) s"
 fi
 
 step "image configuration"
@@ -230,8 +230,8 @@ for _ in $(seq 1 10); do [ -z "$(stack_pids)" ] && break; sleep 1; done
 ok "no process of the stack is left"
 
 step "4. files written at run time (nothing downloaded)"
-root=$(buildah "${STORAGE[@]}" mount "$CONTAINER")
-python3 - "$root" <<'EOF' || fail "files written at run time"
+root=$(timeout 300 buildah "${STORAGE[@]}" mount "$CONTAINER")
+timeout 300 python3 - "$root" <<'EOF' || fail "files written at run time"
 import os, sys, time
 root = sys.argv[1]
 since = float(os.environ.get("RUN_STARTED", "0"))
@@ -255,7 +255,8 @@ print(f"ok: {len(written)} files written at run time, none of them weights, none
 EOF
 
 step "5. image size"
-podman "${STORAGE[@]}" images --format '{{.Repository}}:{{.Tag}} {{.Size}}' "$IMAGE"
-buildah "${STORAGE[@]}" run --isolation chroot "$CONTAINER" -- sh -c 'cd /opt/venv/lib/python3*/site-packages &&
+timeout 60 podman "${STORAGE[@]}" images --format '{{.Repository}}:{{.Tag}} {{.Size}}' "$IMAGE"
+timeout 300 buildah "${STORAGE[@]}" run --isolation chroot "$CONTAINER" -- sh -c 'cd /opt/venv/lib/python3*/site-packages &&
+    python -c "import sys, torch; print(\"python\", sys.version.split()[0], sys.base_prefix, \"torch\", torch.__version__)"
     for d in /opt/venv nvidia torch triton openvino onnxruntime cv2 scipy captioner; do [ -e $d ] && du -sh $d; done
     du -sh /usr/sbin/nginx /usr/lib/python3* /usr/local/lib/python3* 2>/dev/null; true' < /dev/null
