@@ -259,4 +259,4 @@ timeout 60 podman "${STORAGE[@]}" images --format '{{.Repository}}:{{.Tag}} {{.S
 timeout 300 buildah "${STORAGE[@]}" run --isolation chroot "$CONTAINER" -- sh -c 'cd /opt/venv/lib/python3*/site-packages &&
     python -c "import sys, torch; print(\"python\", sys.version.split()[0], sys.base_prefix, \"torch\", torch.__version__)"
     for d in /opt/venv nvidia torch triton openvino onnxruntime cv2 scipy captioner; do [ -e $d ] && du -sh $d; done
-    du -sh /usr/sbin/nginx /usr/lib/python3* /usr/local/lib/python3* 2>/dev/null; true' < /dev/null
+    true' < /dev/null
