@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the container image on a machine without a Docker engine or a registry image, runs its production stack and
-# checks it over HTTP (issue #18). Not in CI: it takes ~20-40 minutes on 2 cores and ~25 GB of free disk at its peak.
+# checks it over HTTP (issue #18). Not in CI: 20-25 minutes on a shared 2-core machine; it needs 30 GB of free disk.
 #
 #   sudo bash scripts/container_check.sh          # from the repository root of a clone; root for mmdebstrap/buildah
 #
@@ -47,8 +47,8 @@ ok() { echo "ok: $*"; }
 for tool in mmdebstrap buildah podman curl unshare ip python3; do
     if ! command -v "$tool" >/dev/null; then
         step "installing podman buildah mmdebstrap runc (apt)"
-        DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq podman buildah mmdebstrap runc curl iproute2 \
-            >/dev/null || fail "could not install the container tools"
+        { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq \
+            podman buildah mmdebstrap runc curl iproute2; } >/dev/null || fail "could not install the container tools"
         break
     fi
 done
