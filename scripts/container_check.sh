@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the container image on a machine without a Docker engine or a registry image, runs its production stack and
-# checks it over HTTP (issue #18). Not in CI: 20-25 minutes on a shared 2-core machine; it needs 30 GB of free disk.
+# checks it over HTTP (issue #18). Not in CI: 16-24 minutes on a shared 2-core machine; it needs 30 GB of free disk.
 #
 #   sudo bash scripts/container_check.sh          # from the repository root of a clone; root for mmdebstrap/buildah
 #
