@@ -74,6 +74,7 @@ def test_a_lone_request_does_not_wait() -> None:
     model = StandIn()
     batcher = MicroBatcher(model, max_size=8, max_wait_ms=5000)
     try:
+        assert batcher._thread.name == "micro-batcher" and batcher._thread.daemon  # never blocks interpreter exit
         started = time.perf_counter()
         result = batcher.submit(image(7), GREEDY).result(10)
         assert time.perf_counter() - started < 2.5  # nothing announced: no waiting for company
@@ -156,7 +157,7 @@ def test_cancelled_requests_are_dropped_before_the_model() -> None:
     assert model.batches == [[0], [1, 3]]
 
 
-def test_a_model_failure_fails_its_batch_only() -> None:
+def test_a_model_failure_fails_its_batch_only(caplog: pytest.LogCaptureFixture) -> None:
     model = StandIn()
     model.fail = True
     batcher = MicroBatcher(model, max_size=8, max_wait_ms=5000)
@@ -166,6 +167,8 @@ def test_a_model_failure_fails_its_batch_only() -> None:
         for future in futures:
             with pytest.raises(RuntimeError, match="model failed"):
                 future.result(10)
+        failures = [r for r in caplog.records if r.name == "service.microbatch"]
+        assert [r.getMessage() for r in failures] == ["batch of 2 images failed"] and failures[0].exc_info
         model.fail = False
         assert batcher.submit(image(3), GREEDY).result(10).captions[1] == 3  # the thread lives on
     finally:

@@ -123,3 +123,37 @@ def test_run_batch_writes_every_batch_then_reports_it(captioner: Captioner, path
     assert (stats.succeeded, stats.failed) == (5, 2)
     assert not writer.closed  # the caller closes the writer
     assert run_batch(captioner, [], captioner.options(), ListWriter()) == BatchStats()
+
+
+def test_run_batch_defaults_and_passes_its_settings_on(
+    captioner: Captioner, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defaults: batches of 32, no loader workers, no tags; and what the caller gives reaches the loader and model."""
+    from captioner.batch import records
+
+    loaders: list[tuple[int, int]] = []  # (batch size, workers) of each loader made
+    real_loader = records.make_loader
+
+    def spy_loader(paths: list[str], config: object, batch_size: int, workers: int, *rest: object) -> object:
+        loaders.append((batch_size, workers))
+        return real_loader(paths, config, batch_size, 0, *rest)  # load in this process all the same
+
+    tags_asked: list[int] = []
+    real_caption = captioner.caption_tensors
+
+    def spy_caption(batch: object, options: object, num_tags: int = 0) -> list:
+        tags_asked.append(num_tags)
+        return real_caption(batch, options, 0)  # the tiny model has no tags head
+
+    monkeypatch.setattr(records, "make_loader", spy_loader)
+    monkeypatch.setattr(captioner, "caption_tensors", spy_caption)
+    missing = [str(tmp_path_factory.mktemp("none") / f"{i}.png") for i in range(40)]  # error records: no model
+    writer = ListWriter()
+    run_batch(captioner, missing, captioner.options(strategy="greedy"), writer)
+    assert [len(b) for b in writer.batches] == [32, 8] and loaders == [(32, 0)]
+    good = [str(tmp_path_factory.mktemp("good") / "a.png")]
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(good[0])
+    run_batch(captioner, good, captioner.options(strategy="greedy"), ListWriter())
+    run_batch(captioner, good, captioner.options(strategy="greedy"), ListWriter(), batch_size=5, workers=3,
+              num_tags=4)
+    assert loaders[1:] == [(32, 0), (5, 3)] and tags_asked == [0, 4]

@@ -6,12 +6,13 @@ file that is not this run's kind of output must be refused with a message naming
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 
-from captioner.batch import Completed, read_completed, repair_partial_line
+from captioner.batch import Completed, image_key, read_completed, repair_partial_line
 from captioner.batch.writers import BatchOutputError, csv_columns
 
 RECORD = json.dumps({"image": "photos/a.jpg", "caption": "a dog", "log_prob": -1.0, "score": -0.5})
@@ -29,6 +30,8 @@ FAILED = json.dumps({"image": "photos/b.jpg", "error": "not_an_image: empty file
         (b"one\n" + b"x" * 200_000, b"one\n"),  # a cut line longer than the 64 KiB scan chunk
         (b"y" * 70_000 + b"\n" + b"x" * 70_000, b"y" * 70_000 + b"\n"),  # the newline in an earlier chunk
         (b"x" * 65_536 + b"\n" + b"z", b"x" * 65_536 + b"\n"),  # the newline right at a chunk's end
+        (b"\n" + b"x" * 65_536, b"\n"),  # the only newline is the file's first byte, one chunk back
+        (b"\n" + b"x" * 131_072, b"\n"),  # ... two chunks back
     ],
 )
 def test_repair_partial_line(tmp_path: Path, content: bytes, kept: bytes) -> None:
@@ -46,11 +49,28 @@ def test_missing_file_has_nothing_completed(tmp_path: Path) -> None:
 
 def test_jsonl_records_counted_blank_lines_skipped_cut_line_repaired(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
-    path.write_text(f"{RECORD}\n\n   \n{FAILED}\n" + '{"image": "photos/c.j')
+    other_failure = json.dumps({"image": "photos/d.jpg", "error": "corrupt_image: truncated"})
+    path.write_text(f"{RECORD}\n\n   \n{FAILED}\n{other_failure}\n{RECORD}\n" + '{"image": "photos/c.j')
     done = read_completed(path, "jsonl")
-    assert done.images == {str(Path("photos/a.jpg").resolve()), str(Path("photos/b.jpg").resolve())}
-    assert (done.failed, done.repaired_bytes, done.example) == (1, len('{"image": "photos/c.j'), "photos/a.jpg")
-    assert path.read_text() == f"{RECORD}\n\n   \n{FAILED}\n"
+    assert done.images == {str(Path(f"photos/{n}.jpg").resolve()) for n in "abd"}
+    assert (done.failed, done.repaired_bytes, done.example) == (2, len('{"image": "photos/c.j'), "photos/a.jpg")
+    assert path.read_text() == f"{RECORD}\n\n   \n{FAILED}\n{other_failure}\n{RECORD}\n"
+
+
+def test_csv_keeps_any_file_name_byte_for_byte(tmp_path: Path) -> None:
+    """File names are bytes: one that is not UTF-8 (kept as surrogate escapes) or holds a carriage return must come
+    back from the CSV exactly as the writer wrote it, or its image would be captioned again."""
+    names = ["photos/caf\xe9.jpg", "photos/" + b"\xff\xfe".decode("utf-8", "surrogateescape") + ".jpg",
+             "photos/two\rlines.jpg", "photos/crlf\r\n.jpg"]
+    path = tmp_path / "out.csv"
+    with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(csv_columns(1))
+        for name in names:
+            writer.writerow([name, "a dog", "-1.0", "-0.5", ""])
+    done = read_completed(path, "csv")
+    assert done.images == {image_key(name) for name in names}
+    assert done.remaining(names + ["photos/new.jpg"]) == ["photos/new.jpg"]
 
 
 @pytest.mark.parametrize(
@@ -92,6 +112,8 @@ def test_csv_with_tags_column(tmp_path: Path) -> None:
     path = tmp_path / "out.csv"
     _csv(path, csv_columns(1, tags=True), ["photos/a.jpg", "a dog", "-1.0", "-0.5", "cup 0.5", ""])
     assert len(read_completed(path, "csv", tags=True).images) == 1
+    _csv(path, csv_columns(1, score=False, tags=True), ["photos/a.jpg", "a dog", "-1.0", "cup 0.5", ""])
+    assert len(read_completed(path, "csv", tags=True).images) == 1  # from before the score column, with tags
     with pytest.raises(BatchOutputError, match="another --num-captions or --tags"):
         read_completed(path, "csv", tags=False)
 
@@ -131,7 +153,8 @@ def test_refusal_names_the_file_counts_and_an_example(tmp_path: Path) -> None:
     done = read_completed(path, "jsonl")
     with pytest.raises(BatchOutputError) as error:
         done.remaining(["other/x.jpg", "other/y.jpg", "other/z.jpg"])
-    message = str(error.value)
-    assert message.startswith(f"none of the 2 images in {path} is one of the 3 inputs (it has e.g. 'photos/a.jpg'; ")
-    assert "refusing to append" in message
+    assert str(error.value) == (
+        f"none of the 2 images in {path} is one of the 3 inputs (it has e.g. 'photos/a.jpg'; relative paths are "
+        "resolved against the current directory); refusing to append: run from the first run's directory or with "
+        "its PATHs, or write to a new --out")
     assert done.remaining(["other/x.jpg", "photos/a.jpg"]) == ["other/x.jpg"]  # one match is enough
