@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+import torch
 from conftest import varied_tiny_model
 from PIL import Image
 
@@ -157,3 +158,39 @@ def test_run_batch_defaults_and_passes_its_settings_on(
     run_batch(captioner, good, captioner.options(strategy="greedy"), ListWriter(), batch_size=5, workers=3,
               num_tags=4)
     assert loaders[1:] == [(32, 0), (5, 3)] and tags_asked == [0, 4]
+
+
+def test_caption_batches_defaults_pin_memory_and_tags(
+    captioner: Captioner, paths: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from captioner.batch import records
+
+    loaders: list[tuple] = []  # (batch size, workers, pin memory) of each loader made
+    real_loader = records.make_loader
+
+    def spy_loader(paths: list[str], config: object, batch_size: int, workers: int, pin: bool, *rest: object) -> object:
+        loaders.append((batch_size, workers, pin))
+        return real_loader(paths, config, batch_size, 0, False, *rest)
+
+    tags_asked: list[int] = []
+    real_caption = captioner.caption_tensors
+
+    def tagging_caption(batch: object, options: object, num_tags: int = 0) -> list:
+        tags_asked.append(num_tags)
+        results = real_caption(batch, options, 0)
+        for i, captions in enumerate(results):
+            captions.tags = [Tag(f"class {i}", 0.5, i)][:num_tags]
+        return results
+
+    monkeypatch.setattr(records, "make_loader", spy_loader)
+    monkeypatch.setattr(captioner, "caption_tensors", tagging_caption)
+    options = captioner.options(strategy="greedy")
+    plain = [r for batch in caption_batches(captioner, paths, options) for r in batch]
+    assert loaders == [(32, 0, False)] and tags_asked == [0]
+    assert all("tags" not in r for r in plain)
+    tagged = [r for batch in caption_batches(captioner, paths, options, num_tags=2) for r in batch]
+    assert [r.get("tags") for r in tagged if "error" not in r] == [[{"label": f"class {i}", "probability": 0.5}]
+                                                                   for i in range(5)]
+    monkeypatch.setattr(captioner, "device", torch.device("cuda"))  # only read, to pin memory for the GPU copy
+    list(caption_batches(captioner, [paths[2]], options, batch_size=4, workers=2))  # a missing file: no model call
+    assert loaders[-1] == (4, 2, True)
