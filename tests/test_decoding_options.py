@@ -51,6 +51,12 @@ def test_parse_option_values(name: str, text: str, value: object) -> None:
     assert parsed == value and type(parsed) is type(value)
 
 
+@pytest.mark.parametrize("text", ["3\n", "\n3", "3\r", "\x0b3", "X3", "3X"])
+def test_only_spaces_and_tabs_are_stripped(text: str) -> None:
+    with pytest.raises(ValueError, match="beam_size must be a whole number"):
+        parse_option("beam_size", text)
+
+
 def test_parse_options_leaves_blank_ones_out() -> None:
     assert parse_options({"beam_size": "4", "strategy": " ", "length_penalty": "0.5"}) == {
         "beam_size": 4, "length_penalty": 0.5}

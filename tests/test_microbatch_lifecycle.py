@@ -45,6 +45,29 @@ def image(number: int) -> torch.Tensor:
     return torch.full((3, 2, 2), float(number))
 
 
+def test_defaults() -> None:
+    batcher = MicroBatcher(StandIn())
+    try:
+        assert (batcher.max_size, batcher.max_wait, batcher.observer) == (16, 0.010, None)
+    finally:
+        batcher.close()
+
+
+def test_close_gives_up_waiting_after_its_timeout() -> None:
+    model = StandIn()
+    model.gate.clear()  # a batch that does not finish
+    batcher = MicroBatcher(model, max_size=2, max_wait_ms=0)
+    future = batcher.submit(image(1), GREEDY)
+    assert model.entered.wait(10)
+    started = time.perf_counter()
+    batcher.close(timeout=0.2)
+    assert time.perf_counter() - started < 5  # returned, though the thread is still busy
+    assert batcher._thread.is_alive()
+    model.gate.set()
+    assert future.result(10).captions[1] == 1
+    batcher._thread.join(10)
+
+
 def test_settings_are_checked() -> None:
     for size, wait in ((0, 10.0), (4, -1.0)):
         with pytest.raises(ValueError, match="max_size must be >= 1 and max_wait_ms >= 0"):

@@ -7,7 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from captioner.preprocess import PreprocessConfig, known_signature, load_image
+from captioner.errors import ImageTooLargeError
+from captioner.preprocess import PreprocessConfig, known_signature, load_image, preprocess
 
 
 def test_config_json_is_plain_and_round_trips() -> None:
@@ -47,3 +48,13 @@ def test_load_image_uses_the_given_config() -> None:
     data = out.getvalue()
     assert load_image(data).size == (500, 375)  # the default 224: drafted at 1/2
     assert load_image(data, PreprocessConfig(size=400)).size == (1000, 750)  # 1/2 would be under 400
+
+
+def test_every_shorthand_passes_the_pixel_limit_on() -> None:
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), (9, 99, 199)).save(out, "PNG")
+    data = out.getvalue()
+    assert preprocess(data, PreprocessConfig(size=16), max_pixels=1200).shape == (3, 16, 16)  # exactly at the limit
+    for read in (preprocess, load_image):
+        with pytest.raises(ImageTooLargeError, match="40x30 = 1200 pixels, over the limit of 1199"):
+            read(data, PreprocessConfig(size=16), max_pixels=1199)

@@ -191,6 +191,8 @@ def test_caption_batches_defaults_pin_memory_and_tags(
     tagged = [r for batch in caption_batches(captioner, paths, options, num_tags=2) for r in batch]
     assert [r.get("tags") for r in tagged if "error" not in r] == [[{"label": f"class {i}", "probability": 0.5}]
                                                                    for i in range(5)]
+    limited = [r for batch in caption_batches(captioner, paths[:2], options, max_pixels=100) for r in batch]
+    assert [r["error"].split(":")[0] for r in limited] == ["image_too_large"] * 2  # 64x48 photos, over 100 pixels
     monkeypatch.setattr(captioner, "device", torch.device("cuda"))  # only read, to pin memory for the GPU copy
     list(caption_batches(captioner, [paths[2]], options, batch_size=4, workers=2))  # a missing file: no model call
     assert loaders[-1] == (4, 2, True)
