@@ -68,6 +68,32 @@ def test_close_gives_up_waiting_after_its_timeout() -> None:
     batcher._thread.join(10)
 
 
+def test_a_full_batch_does_not_wait_for_announced_images() -> None:
+    model = StandIn()
+    batcher = MicroBatcher(model, max_size=2, max_wait_ms=5000)
+    try:
+        with batcher.expecting(3) as ticket:
+            futures = [batcher.submit(image(i), GREEDY, ticket) for i in (1, 2)]
+            assert [f.result(2.5).batch_size for f in futures] == [2, 2]  # full: no waiting for the third
+            with batcher.expecting(1) as single:
+                batcher.submit(image(3), GREEDY, single)
+                assert single.remaining == 0 and batcher._expected == 1  # the first request's third, still due
+        with batcher.expecting(3) as ticket:
+            ticket.release()
+            assert ticket.remaining == 2
+    finally:
+        batcher.close()
+
+
+def test_one_image_batches_are_allowed() -> None:
+    model = StandIn()
+    batcher = MicroBatcher(model, max_size=1, max_wait_ms=0)
+    try:
+        assert [batcher.submit(image(i), GREEDY).result(10).batch_size for i in (1, 2)] == [1, 1]
+    finally:
+        batcher.close()
+
+
 def test_settings_are_checked() -> None:
     for size, wait in ((0, 10.0), (4, -1.0)):
         with pytest.raises(ValueError, match="max_size must be >= 1 and max_wait_ms >= 0"):
@@ -91,6 +117,7 @@ def test_each_request_gets_its_own_answer_and_the_batch_facts() -> None:
     assert len(observed) == 1 and observed[0][0] == 5
     assert all(r.inference_ms == pytest.approx(observed[0][1] * 1000) for r in results)
     assert all(0 <= r.queue_ms < 5000 for r in results)
+    assert 0 <= observed[0][1] < 5  # seconds: the stand-in answers at once
 
 
 def test_a_lone_request_does_not_wait() -> None:
@@ -210,5 +237,5 @@ def test_close_finishes_queued_work_then_refuses_more() -> None:
     closing.join(15)
     assert [f.result(0).captions[1] for f in futures] == list(range(5))
     assert not batcher._thread.is_alive()
-    with pytest.raises(RuntimeError, match="the batcher is closed"):
+    with pytest.raises(RuntimeError, match="^the batcher is closed$"):
         batcher.submit(image(9), GREEDY)

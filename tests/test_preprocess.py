@@ -391,6 +391,14 @@ def test_every_shorthand_passes_the_pixel_limit_on() -> None:
     Image.new("RGB", (40, 30), (9, 99, 199)).save(out, "PNG")
     data = out.getvalue()
     assert preprocess(data, PreprocessConfig(size=16), max_pixels=1200).shape == (3, 16, 16)  # exactly at the limit
-    for read in (preprocess, load_image):
+    for read in (preprocess, load_image, prepare_image):
         with pytest.raises(ImageTooLargeError, match="40x30 = 1200 pixels, over the limit of 1199"):
             read(data, PreprocessConfig(size=16), max_pixels=1199)
+
+
+def test_prepare_image_reads_with_the_given_config() -> None:
+    out = io.BytesIO()
+    noise(1000, 750).save(out, "JPEG")
+    config = PreprocessConfig(size=400)  # 1/2 draft would be under 400: read at full size
+    expected = to_tensor(read_image(out.getvalue(), config).image, config)
+    assert torch.equal(prepare_image(out.getvalue(), config).tensor, expected)
