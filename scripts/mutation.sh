@@ -32,32 +32,4 @@ env -u PYTHONPATH "$MUTMUT" run --max-children "${JOBS:-2}" > mutants/run.log 2>
 }
 tail -n 3 mutants/run.log
 env -u PYTHONPATH "$MUTMUT" results > mutants/results.txt  # every mutant not killed, with its status
-"$PYTHON" - "$(( $(date +%s) - start ))" <<'PY'
-import json
-import re
-import sys
-from pathlib import Path
-
-seconds = int(sys.argv[1])
-lines = [l.strip() for l in Path("mutants/results.txt").read_text().splitlines() if l.strip()]
-status = dict(l.rsplit(": ", 1) for l in lines)
-equivalent = set(re.findall(r"^- `([^`]+)`", Path("scripts/mutation_equivalent.md").read_text(), re.M))
-counts = {}  # every mutant generated -> its exit code
-for meta in Path("mutants").rglob("*.py.meta"):
-    for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-        counts[name] = code
-total = len(counts)
-undetected = {n for n, s in status.items() if s in ("survived", "no tests")}
-other = {n: s for n, s in status.items() if s not in ("survived", "no tests", "timeout")}
-survivors = sorted(undetected - equivalent)
-considered = total - len(equivalent & set(counts)) - len(other)
-print(f"\nmutants: {total}; not killed: {len(status)} ({len(undetected)} survived or untested, "
-      f"{sum(s == 'timeout' for s in status.values())} timed out (counted as killed), {len(other)} other: {other})")
-print(f"equivalent (scripts/mutation_equivalent.md): {len(equivalent & set(counts))}"
-      + (f"; listed but not generated: {sorted(equivalent - set(counts))}" if equivalent - set(counts) else ""))
-print("surviving non-equivalent mutants:" if survivors else "no surviving non-equivalent mutants")
-for name in survivors:
-    print(f"    {name}: {status[name]}")
-print(f"survival rate: {len(survivors)}/{considered} = {100 * len(survivors) / max(considered, 1):.1f}% "
-      f"of non-equivalent mutants survived; {seconds // 60} min {seconds % 60} s")
-PY
+"$PYTHON" scripts/mutation_summary.py "$(( $(date +%s) - start ))"
