@@ -96,7 +96,7 @@ def test_one_image_batches_are_allowed() -> None:
 
 def test_settings_are_checked() -> None:
     for size, wait in ((0, 10.0), (4, -1.0)):
-        with pytest.raises(ValueError, match="max_size must be >= 1 and max_wait_ms >= 0"):
+        with pytest.raises(ValueError, match="^max_size must be >= 1 and max_wait_ms >= 0$"):
             MicroBatcher(StandIn(), max_size=size, max_wait_ms=wait)
 
 

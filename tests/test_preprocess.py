@@ -402,3 +402,25 @@ def test_prepare_image_reads_with_the_given_config() -> None:
     config = PreprocessConfig(size=400)  # 1/2 draft would be under 400: read at full size
     expected = to_tensor(read_image(out.getvalue(), config).image, config)
     assert torch.equal(prepare_image(out.getvalue(), config).tensor, expected)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize(("width", "height"), [(64, 48), (65, 48), (48, 71), (40, 40)])
+def test_to_tensor_is_exactly_resize_crop_and_normalise(interpolation: str, width: int, height: int) -> None:
+    """The encoder input, stated step by step: the named filter, the centre crop's integer offsets, / 255, mean/std."""
+    filters = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+    image = noise(width, height, seed=width + height)
+    mean, std = np.array([0.5, 0.4, 0.3]), np.array([0.2, 0.25, 0.3])
+    for resize in ("squash", "crop"):
+        config = PreprocessConfig(size=32, resize=resize, interpolation=interpolation, mean=tuple(mean),
+                                  std=tuple(std))
+        if resize == "squash":
+            resized = image.resize((32, 32), filters[interpolation])
+        else:
+            short = min(width, height)
+            new = (max(32, round(width * 32 / short)), max(32, round(height * 32 / short)))
+            left, top = (new[0] - 32) // 2, (new[1] - 32) // 2
+            resized = image.resize(new, filters[interpolation]).crop((left, top, left + 32, top + 32))
+        expected = (np.asarray(resized, dtype=np.float64) / 255.0 - mean) / std
+        got = to_tensor(image, config).permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"{resize} {interpolation} {width}x{height}")
