@@ -91,6 +91,18 @@ def test_missing_inputs_fail_before_the_model_loads(tmp_path: Path) -> None:
     assert "name no image files" in line and "-r" in line
 
 
+def _in_process(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
+    """``captioner ARGS`` through ``main``, the console script's entry point, in this process: its exit status (from
+    ``main``'s return or argparse's exit for --help and usage errors), stdout and stderr. The tests around it run the
+    real script; this saves one interpreter start (several seconds of imports) per call."""
+    try:
+        status = main(list(args))
+    except SystemExit as exited:
+        status = int(exited.code or 0)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), status, out, err)
+
+
 @pytest.mark.parametrize(("args", "prefix", "expected"), [
     (["serve", "--model", "/nonexistent/model"], "captioner serve", "no such directory"),
     (["evaluate", "--annotations", "nope.json"], "captioner evaluate", "nope.json: no such file"),
@@ -106,16 +118,10 @@ def test_missing_inputs_fail_before_the_model_loads(tmp_path: Path) -> None:
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_more_mistakes_are_one_line(args: list[str], prefix: str, expected: str, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    # Through the console script's own entry point, in this process (the tests above run the real script).
     monkeypatch.chdir(tmp_path)
     for name in ("RANK", "WORLD_SIZE", "CAPTIONER_DEBUG"):
         monkeypatch.delenv(name, raising=False)
-    try:
-        status = main(args)
-    except SystemExit as exited:  # argparse's own usage errors
-        status = int(exited.code or 0)
-    out, err = capsys.readouterr()
-    assert expected in _one_error_line(subprocess.CompletedProcess(args, status, out, err), prefix)
+    assert expected in _one_error_line(_in_process(capsys, *args), prefix)
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
@@ -131,28 +137,19 @@ def test_argparse_mistakes_exit_2_without_traceback() -> None:
     assert "argument --port: must be 1 to 65535" in proc.stderr
 
 
-def _in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """``captioner ARGS`` through ``main`` in this process (argparse exits for --help and usage errors): the exit
-    status, stdout and stderr. The console script itself is run by the tests around it; this saves one interpreter
-    start (several seconds of imports) per help page."""
-    with pytest.raises(SystemExit) as exited:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(exited.value.code or 0), out, err
-
-
 def test_version_and_every_help_has_a_description_defaults_and_examples(capsys: pytest.CaptureFixture[str]) -> None:
     version = captioner("--version")  # the installed console script
     assert version.returncode == 0 and version.stdout.strip().startswith("captioner ")
     assert version.stdout.split()[1][0].isdigit()
     for command in SUBCOMMANDS:
-        status, text, err = _in_process(capsys, *command.split(), "--help")
-        assert status == 0, err
+        proc = _in_process(capsys, *command.split(), "--help")
+        assert proc.returncode == 0, proc.stderr
+        text = proc.stdout
         assert "example" in text, command
         assert f"captioner {command}" in text.split("example")[1], command  # the examples use the command
         description = text.split("\n\n")[1]
         assert not description.lstrip().startswith(("positional", "options")), (command, description)
-    caption_help = _in_process(capsys, "caption", "--help")[1]
+    caption_help = _in_process(capsys, "caption", "--help").stdout
     assert "--batch-size N" in caption_help and "(default: 32)" in caption_help
     assert "--device DEVICE" in caption_help and "(default: auto)" in caption_help
 
@@ -172,9 +169,9 @@ def test_devices_and_placeholders_are_the_same_everywhere() -> None:
 def test_metrics_do_not_offer_spice_and_evaluate_defaults_to_the_bundled_model(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    status, _, err = _in_process(capsys, "evaluate", "--annotations", "a.json", "--metrics", "spice")
-    assert status == 2 and "invalid choice: 'spice'" in err
-    assert "spice" not in _in_process(capsys, "evaluate", "--help")[1]
+    proc = _in_process(capsys, "evaluate", "--annotations", "a.json", "--metrics", "spice")
+    assert proc.returncode == 2 and "invalid choice: 'spice'" in proc.stderr
+    assert "spice" not in _in_process(capsys, "evaluate", "--help").stdout
     args = build_parser().parse_args(["evaluate", "--annotations", "a.json"])
     assert args.model is None and args.results is None  # None: Captioner.load's bundled model
 
