@@ -10,6 +10,7 @@ from pathlib import Path
 
 import matplotlib
 import pytest
+import torch
 from training_data import make_dataset, tiny_config
 
 from captioner.cli import main
@@ -113,3 +114,14 @@ def test_prepare_records_the_symlinked_root_as_typed(tmp_path: Path) -> None:
     recorded = json.loads((tmp_path / "out" / "captions_train.json").read_text())["info"]["image_dir"]
     assert recorded == str(link / "images") and recorded != str((link / "images").resolve())
     assert load_coco(tmp_path / "out" / "captions_train.json").images[0].path == link / "images" / "a.jpg"
+
+
+def test_bfloat16_autocast_on_cpu_only_where_the_cpu_has_native_bfloat16(caplog: pytest.LogCaptureFixture) -> None:
+    """``train.amp_on_cpu`` must not emulate bfloat16 (200x slower matmuls on AVX2-only CPUs): fall back, and say so."""
+    from training.train import cpu_bf16_is_fast
+
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        assert cpu_bf16_is_fast(torch.device("cpu")) is native
+    assert ("no native bfloat16" in caplog.text) is (not native)
+    assert cpu_bf16_is_fast(torch.device("meta")) is False
