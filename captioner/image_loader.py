@@ -124,16 +124,33 @@ def default_workers() -> int:
 
 def make_loader(
     paths: Iterable[str], config: PreprocessConfig, batch_size: int = 32, workers: int = 0,
-    pin_memory: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+    pin_memory: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, ramp_up: bool = False,
 ) -> DataLoader:
-    """A DataLoader of :class:`ImageBatch` in path order; ``workers=0`` loads in the calling process."""
+    """A DataLoader of :class:`ImageBatch` in path order; ``workers=0`` loads in the calling process.
+
+    ``ramp_up`` starts with batches of 1, 2, 4, ... images up to ``batch_size``: the first results (and a progress
+    bar's count) arrive after one image instead of a whole batch, for a handful of extra batches per run.
+    """
+    files = ImageFiles(paths, config, max_pixels)
+    batching: dict = {"batch_size": batch_size, "shuffle": False}
+    if ramp_up:
+        batching = {"batch_sampler": ramp_up_batches(len(files), batch_size)}
     return DataLoader(
-        ImageFiles(paths, config, max_pixels),
-        batch_size=batch_size,
-        shuffle=False,
+        files,
+        **batching,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
         worker_init_fn=_init_worker if workers else None,
         prefetch_factor=2 if workers else None,
     )
+
+
+def ramp_up_batches(count: int, batch_size: int) -> list[list[int]]:
+    """Indices ``0..count-1`` in order, in batches of 1, 2, 4, ... then ``batch_size`` (each at most ``batch_size``)."""
+    batches, start, size = [], 0, 1
+    while start < count:
+        batches.append(list(range(start, min(start + size, count))))
+        start += size
+        size = min(size * 2, batch_size)
+    return batches

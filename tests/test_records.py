@@ -19,6 +19,7 @@ from captioner.api import Caption, Captioner
 from captioner.batch.records import BatchStats, Record, caption_batches, caption_record, error_record, run_batch
 from captioner.batch.writers import RecordWriter
 from captioner.checkpoint import save_model
+from captioner.image_loader import ramp_up_batches
 from captioner.tags import Tag
 
 
@@ -118,12 +119,24 @@ def test_run_batch_writes_every_batch_then_reports_it(captioner: Captioner, path
     seen: list[tuple[int, int]] = []  # (batches written when on_batch ran, records in that batch)
     stats = run_batch(captioner, paths, captioner.options(strategy="greedy"), writer, batch_size=3,
                       on_batch=lambda records: seen.append((len(writer.batches), len(records))))
-    assert [len(b) for b in writer.batches] == [3, 3, 1]
-    assert seen == [(1, 3), (2, 3), (3, 1)]  # each batch is reported after it was written
+    assert [len(b) for b in writer.batches] == [1, 2, 3, 1]  # ramping up: the first record comes after one image
+    assert seen == [(1, 1), (2, 2), (3, 3), (4, 1)]  # each batch is reported after it was written
     assert [r["image"] for b in writer.batches for r in b] == paths
     assert (stats.succeeded, stats.failed) == (5, 2)
     assert not writer.closed  # the caller closes the writer
     assert run_batch(captioner, [], captioner.options(), ListWriter()) == BatchStats()
+
+
+@pytest.mark.parametrize(("count", "batch_size", "sizes"), [
+    (0, 32, []), (1, 32, [1]), (3, 1, [1, 1, 1]), (7, 3, [1, 2, 3, 1]), (40, 32, [1, 2, 4, 8, 16, 9]),
+    (100, 32, [1, 2, 4, 8, 16, 32, 32, 5]), (10, 5, [1, 2, 4, 3]),
+])
+def test_ramp_up_batches_start_at_one_image_and_keep_every_index_once_in_order(
+    count: int, batch_size: int, sizes: list[int]
+) -> None:
+    batches = ramp_up_batches(count, batch_size)
+    assert [len(b) for b in batches] == sizes
+    assert [i for b in batches for i in b] == list(range(count))
 
 
 def test_run_batch_defaults_and_passes_its_settings_on(
@@ -151,7 +164,7 @@ def test_run_batch_defaults_and_passes_its_settings_on(
     missing = [str(tmp_path_factory.mktemp("none") / f"{i}.png") for i in range(40)]  # error records: no model
     writer = ListWriter()
     run_batch(captioner, missing, captioner.options(strategy="greedy"), writer)
-    assert [len(b) for b in writer.batches] == [32, 8] and loaders == [(32, 0)]
+    assert [len(b) for b in writer.batches] == [1, 2, 4, 8, 16, 9] and loaders == [(32, 0)]
     good = [str(tmp_path_factory.mktemp("good") / "a.png")]
     Image.new("RGB", (8, 8), (1, 2, 3)).save(good[0])
     run_batch(captioner, good, captioner.options(strategy="greedy"), ListWriter())

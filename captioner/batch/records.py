@@ -55,15 +55,16 @@ def error_record(path: str, error: str) -> Record:
 
 def caption_batches(
     captioner: Captioner, paths: Sequence[str], options: DecodingOptions, batch_size: int = 32, workers: int = 0,
-    max_pixels: int = DEFAULT_MAX_PIXELS, num_tags: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS, num_tags: int = 0, ramp_up: bool = False,
 ) -> Iterator[list[Record]]:
     """Caption ``paths`` in batches; yields each batch's records (one per path, in order) as soon as it is done.
     With ``num_tags``, records also carry the image's top tags (from the same encoder pass; models with tags only).
+    ``ramp_up``: the first batches hold 1, 2, 4, ... images, so that the first records come after one image.
 
     Nothing is kept between batches: the caller writes the records and forgets them.
     """
     loader = make_loader(
-        paths, captioner.preprocess_config, batch_size, workers, captioner.device.type == "cuda", max_pixels
+        paths, captioner.preprocess_config, batch_size, workers, captioner.device.type == "cuda", max_pixels, ramp_up
     )
     for batch in loader:
         results = iter(captioner.caption_tensors(batch.images, options, num_tags) if batch.images is not None else [])
@@ -98,9 +99,11 @@ def run_batch(
     num_tags: int = 0,
 ) -> BatchStats:
     """Caption ``paths`` into ``writer`` batch by batch; ``on_batch`` sees each batch's records after they are
-    written (progress bars, benchmarks). The caller closes the writer."""
+    written (progress bars, benchmarks); the first batches ramp up from one image so that they come early. The
+    caller closes the writer."""
     stats = BatchStats()
-    for records in caption_batches(captioner, paths, options, batch_size, workers, num_tags=num_tags):
+    batches = caption_batches(captioner, paths, options, batch_size, workers, num_tags=num_tags, ramp_up=True)
+    for records in batches:
         writer.write(records)
         stats.add(records)
         if on_batch is not None:
