@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from captioner.errors import WeightsError
@@ -45,7 +44,11 @@ class Backbone:
     @property
     def url(self) -> str | None:
         """torchvision's download URL; None for backbones that are only installed as a package."""
-        return torchvision.models.get_weight(self.weights).url if self.weights else None
+        if not self.weights:
+            return None
+        import torchvision  # here, not at the top: it costs seconds of start-up (torch._dynamo) to every command
+
+        return torchvision.models.get_weight(self.weights).url
 
     @property
     def file_name(self) -> str:
@@ -170,6 +173,8 @@ def _build_network(name: str) -> nn.Module:
         except ImportError as exc:
             raise WeightsError(f"encoder {name} needs timm: {backbone.install_hint}") from exc
         return timm.create_model(backbone.timm_name, pretrained=False)
+    import torchvision
+
     return getattr(torchvision.models, name)(weights=None)
 
 

@@ -15,19 +15,34 @@ Labels are ImageNet-1k's 1,000 class names as torchvision ships them (offline, i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 from captioner.encoder import get_backbone, resolve_weights
 from captioner.errors import CheckpointError
 
-IMAGENET_LABELS: tuple[str, ...] = tuple(_IMAGENET_CATEGORIES)
 DEFAULT_NUM_TAGS = 5  # tags per image in every door
+
+
+@functools.cache
+def imagenet_labels() -> tuple[str, ...]:
+    """The 1,000 ImageNet-1k class names in class-index order (torchvision's list, offline)."""
+    # Imported when first needed: torchvision's package import costs every command seconds (torch._dynamo).
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return tuple(_IMAGENET_CATEGORIES)
+
+
+def __getattr__(name: str) -> object:
+    """``IMAGENET_LABELS``, read lazily (see :func:`imagenet_labels`)."""
+    if name == "IMAGENET_LABELS":
+        return imagenet_labels()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -52,10 +67,10 @@ def check_num_tags(k: int) -> None:
 class TagHead(nn.Module):
     """Global average pool + linear classifier + softmax over a feature grid (B, C, h, w)."""
 
-    def __init__(self, channels: int, labels: tuple[str, ...] = IMAGENET_LABELS) -> None:
+    def __init__(self, channels: int, labels: tuple[str, ...] | None = None) -> None:
         super().__init__()
-        self.labels = labels
-        self.classifier = nn.Linear(channels, len(labels))
+        self.labels = imagenet_labels() if labels is None else labels
+        self.classifier = nn.Linear(channels, len(self.labels))
 
     def forward(self, grid: Tensor) -> Tensor:
         """Class probabilities (B, classes), in float32 whatever the grid's dtype."""
@@ -85,7 +100,7 @@ def head_from_state(state: Mapping[str, Tensor], prefix: str, channels: int, sou
     if tuple(weight.shape) != expected or tuple(bias.shape) != expected[:1]:
         raise CheckpointError(
             f"{source}: classifier {prefix} has shapes {tuple(weight.shape)} / {tuple(bias.shape)}, expected "
-            f"{expected} / {expected[:1]} (ImageNet's {len(IMAGENET_LABELS)} classes x {channels} channels)"
+            f"{expected} / {expected[:1]} (ImageNet's {len(imagenet_labels())} classes x {channels} channels)"
         )
     head.classifier.load_state_dict({"weight": weight.float(), "bias": bias.float()})
     return head.eval()
