@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
+from gunicorn_process import free_port
 from safetensors.torch import load_file
 from training_data import make_dataset, tiny_config
 
@@ -251,8 +252,10 @@ def test_torchrun_two_cpu_processes(tmp_path: Path, data: dict[str, Path]) -> No
             str(torchrun),
             "--nproc_per_node",
             "2",
+            "--master_addr",
+            "127.0.0.1",
             "--master_port",
-            "29517",
+            str(free_port()),  # not a fixed port: two test runs on one machine must not collide
             "-m",
             "captioner",
             "train",
