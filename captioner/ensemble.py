@@ -9,18 +9,19 @@ conditioning) but share the encoder's feature channels and the vocabulary.
 :class:`EnsembleSteps` has a decoder's ``memory_and_state`` / ``step`` interface, so
 :func:`captioner.decoding.decode` runs greedy search, beam search, n-gram blocking and the length penalty with the
 same code for one decoder or N: its memory and state are the members' tuples laid end to end (every tensor keeps
-the batch first, which is all that decoding's reordering needs), and its step returns the averaged log-probabilities
-in place of logits.
+the batch first, which is all that decoding's reordering needs).
 
 Renormalised: decoding takes a ``log_softmax`` of whatever ``step`` returns, so the average of the members'
-log-probabilities (the log of their geometric mean, whose exponentials sum to at most 1) is renormalised into a
-distribution: the product of experts. We keep it so on purpose: a hypothesis' ``log_prob`` stays the
-log-probability of its words under one distribution, on the same scale as a single model's (the recorded
-length penalty and the reported probabilities keep their meaning), and a step where the members disagree does not
-cost a beam an extra, word-independent ``log Z`` that a step where they agree does not.
+log-probabilities (the log of their geometric mean, whose exponentials sum to at most 1) becomes a distribution
+again: the normalised product of experts. We keep it so on purpose: a hypothesis' ``log_prob`` stays the
+log-probability of its words under one distribution, on the same scale as a single model's (the recorded length
+penalty and the reported probabilities keep their meaning), and a step where the members disagree does not cost a
+beam an extra, word-independent ``log Z`` that a step where they agree does not.
 
-A one-member ensemble returns its member's logits unchanged, so it gives exactly the single decoder's captions and
-scores (averaging one member's log-probabilities is the identity, but a second ``log_softmax`` would round).
+Which is why ``step`` returns the mean of the members' *logits*: member i's log-probabilities are its logits minus
+its log-normaliser, a constant per row, so their mean is the mean of the logits minus a constant per row, and the
+renormalising ``log_softmax`` removes any such constant. The same distribution, without N extra softmaxes per step.
+With one member the mean is its logits, unchanged: exactly the single decoder's captions and scores.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _sizes(config: DecoderConfig) -> tuple[int, int]:
 
 
 class EnsembleSteps:
-    """``memory_and_state`` and ``step`` of N members, with the members' log-probabilities averaged.
+    """``memory_and_state`` and ``step`` of N members, whose log-probabilities decoding sees averaged.
 
     Built by :meth:`DecoderEnsemble.steps` for each :func:`~captioner.decoding.decode` call; each member is its
     :class:`~captioner.fast_decoder.FastDecoder` in eval mode, or the decoder itself in train mode.
@@ -75,22 +76,21 @@ class EnsembleSteps:
     def step(
         self, tokens: Tensor, state: State, memory: Memory, active: Tensor | None = None
     ) -> tuple[Tensor, State, None]:
-        """Advance every member one word: the mean of their log-probabilities (batch, vocab) and the new state.
+        """Advance every member one word: the mean of their logits (batch, vocab), which decoding's ``log_softmax``
+        turns into the renormalised mean of their log-probabilities (see the module's docstring), and the new state.
 
-        With one member, its logits unchanged. ``active`` (the rows whose results will be read, as in
-        :meth:`FastDecoder.step`) is passed to the members that take it; the others compute every row.
+        ``active`` (the rows whose results will be read, as in :meth:`FastDecoder.step`) is passed to the members
+        that take it; the others compute every row.
         """
-        scores: list[Tensor] = []
+        logits: list[Tensor] = []
         new_state: list[Tensor] = []
         for member, (member_memory, member_state) in zip(self.members, self._split(memory, state), strict=True):
             live = {"active": active} if active is not None and isinstance(member, FastDecoder) else {}
-            logits, member_state, _ = member.step(tokens, member_state, member_memory, **live)
-            scores.append(logits)
+            member_logits, member_state, _ = member.step(tokens, member_state, member_memory, **live)
+            logits.append(member_logits)
             new_state += member_state
-        if len(scores) == 1:
-            return scores[0], tuple(new_state), None
-        log_probs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in scores])
-        return log_probs.mean(dim=0), tuple(new_state), None
+        mean = logits[0] if len(logits) == 1 else torch.stack(logits).float().mean(dim=0)
+        return mean, tuple(new_state), None
 
 
 class DecoderEnsemble(nn.Module):
@@ -130,5 +130,5 @@ class DecoderEnsemble(nn.Module):
         return EnsembleSteps(list(self.members)).memory_and_state(grid)
 
     def step(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, None]:
-        """The averaged log-probabilities and the new state (the plain modules, as in training)."""
+        """The members' mean logits and the new state (the plain modules, as in training)."""
         return EnsembleSteps(list(self.members)).step(tokens, state, memory)
