@@ -6,11 +6,17 @@ referenced by hash, not copied, unless they were fine-tuned or are not a known p
 stored under ``encoder.`` in the safetensors file). The tags head (:mod:`captioner.tags`) follows the encoder: taken
 from the same verified pretrained file, or stored under ``tags.`` beside a stored encoder. Loading never unpickles
 and checks that everything agrees.
+
+An ensemble directory (:mod:`captioner.ensemble`, built by :func:`ensemble_of`) is the same format with several
+decoders over the one encoder: config.json lists their architectures under ``decoders`` (in place of ``decoder``)
+and the one safetensors file holds member ``i``'s tensors under ``decoders.<i>.`` (in place of ``decoder.``), so
+the one sha256 check covers every member.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from captioner.atomic import atomic_write_dir
 from captioner.encoder import BACKBONES, Encoder, build_encoder, sha256_file
+from captioner.ensemble import DecoderEnsemble
 from captioner.errors import CheckpointError
 from captioner.model import CaptionDecoder, DecoderConfig
 from captioner.preprocess import PreprocessConfig
@@ -37,7 +44,7 @@ class CaptionModel:
     """Everything needed to caption: encoder, decoder, vocabulary, preprocessing and the config it came with."""
 
     encoder: Encoder
-    decoder: CaptionDecoder
+    decoder: CaptionDecoder | DecoderEnsemble  # an ensemble's members all read the one encoder's grid
     vocab: Vocabulary
     preprocess: PreprocessConfig
     name: str = "captioner"
@@ -67,15 +74,22 @@ def save_model(model: CaptionModel, path: str | Path, half_precision: bool = Fal
         return value.half() if half_precision and value.is_floating_point() else value
 
     store_encoder = encoder.fine_tune_blocks > 0 or encoder.weights_sha256 is None
-    tensors = {f"decoder.{k}": stored(v) for k, v in model.decoder.state_dict().items()}
+    decoders = _decoders_by_prefix(model.decoder)
+    tensors = {f"{prefix}{k}": stored(v) for prefix, d in decoders.items() for k, v in d.state_dict().items()}
     if store_encoder:
         tensors |= {f"encoder.{k}": stored(v) for k, v in encoder.blocks.state_dict().items()}
         if model.tagger is not None:  # a referenced pretrained encoder brings its head; a stored one stores it
             tensors |= {f"tags.{k}": stored(v) for k, v in model.tagger.state_dict().items()}
-    if len(model.vocab) != model.decoder.config.vocab_size:
-        raise CheckpointError(
-            f"vocabulary has {len(model.vocab)} words but the decoder {model.decoder.config.vocab_size}"
-        )
+    for decoder in decoders.values():
+        if len(model.vocab) != decoder.config.vocab_size:
+            raise CheckpointError(
+                f"vocabulary has {len(model.vocab)} words but the decoder {decoder.config.vocab_size}"
+            )
+    # One decoder: "decoder" (as ever); an ensemble: "decoders", its members' architectures in order.
+    decoder_key, decoder_json = (
+        ("decoders", [d.config.to_json() for d in decoders.values()]) if isinstance(model.decoder, DecoderEnsemble)
+        else ("decoder", model.decoder.config.to_json())
+    )
     config = {
         "format_version": FORMAT_VERSION,
         "name": model.name,
@@ -87,7 +101,7 @@ def save_model(model: CaptionModel, path: str | Path, half_precision: bool = Fal
             "fine_tune_blocks": encoder.fine_tune_blocks,
         },
         "preprocess": model.preprocess.to_json(),
-        "decoder": model.decoder.config.to_json(),
+        decoder_key: decoder_json,
         "vocabulary": model.vocab.to_json(),
         "decoding": model.decoding,
         "training": model.training,
@@ -140,7 +154,7 @@ def load_model(
         )
     try:
         vocab = Vocabulary.from_json(config["vocabulary"])
-        decoder_config = DecoderConfig(**config["decoder"])
+        decoder_configs = _decoder_configs(config)
         preprocess = PreprocessConfig.from_json(config["preprocess"])
         enc = config["encoder"]
         encoder_name = enc["name"]
@@ -148,20 +162,23 @@ def load_model(
         raise CheckpointError(f"{path / CONFIG_FILE} is inconsistent: {exc}") from exc
     if encoder_name not in BACKBONES:
         raise CheckpointError(f"unknown encoder {encoder_name!r} in {path / CONFIG_FILE}")
-    if decoder_config.vocab_size != len(vocab):
-        raise CheckpointError(f"decoder vocab_size {decoder_config.vocab_size} != vocabulary size {len(vocab)}")
-    if decoder_config.feature_dim != BACKBONES[encoder_name].channels:
-        raise CheckpointError(
-            f"decoder feature_dim {decoder_config.feature_dim} != {encoder_name} channels "
-            f"{BACKBONES[encoder_name].channels}"
-        )
+    for decoder_config in decoder_configs.values():
+        if decoder_config.vocab_size != len(vocab):
+            raise CheckpointError(f"decoder vocab_size {decoder_config.vocab_size} != vocabulary size {len(vocab)}")
+        if decoder_config.feature_dim != BACKBONES[encoder_name].channels:
+            raise CheckpointError(
+                f"decoder feature_dim {decoder_config.feature_dim} != {encoder_name} channels "
+                f"{BACKBONES[encoder_name].channels}"
+            )
     try:
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_file} is not a valid safetensors file: {exc}") from exc
 
-    decoder = CaptionDecoder(decoder_config)
-    _load_prefixed(decoder, tensors, "decoder.", weights_file)
+    decoders = {prefix: CaptionDecoder(decoder_config) for prefix, decoder_config in decoder_configs.items()}
+    for prefix, member in decoders.items():
+        _load_prefixed(member, tensors, prefix, weights_file)
+    decoder = DecoderEnsemble(list(decoders.values())) if "decoders" in config else decoders["decoder."]
     tagger = None
     if enc.get("stored"):
         encoder = Encoder(encoder_name, int(enc.get("fine_tune_blocks", 0)))
@@ -193,6 +210,86 @@ def load_model(
         tagger=tagger.eval() if tagger is not None else None,
     )
     return model.to(device)
+
+
+def ensemble_of(models: Sequence[CaptionModel]) -> CaptionModel:
+    """One model whose decoder is the :class:`DecoderEnsemble` of ``models``' decoders, over their one encoder.
+
+    A member that is itself an ensemble brings each of its decoders. The encoder, tags head, preprocessing,
+    vocabulary, name, version and decoding defaults are the first model's; ``training`` records each member's name,
+    version, training and metrics under ``members``; ``metrics`` starts empty (the ensemble's are not measured yet).
+    Raises :class:`CheckpointError`, naming the member (1-based) and what differs, unless every model has the same
+    encoder (name, pretrained weights' sha256, fine-tuned blocks and every weight), preprocessing and vocabulary.
+    """
+    if not models:
+        raise CheckpointError("an ensemble needs at least one model")
+    first = models[0]
+    for number, model in enumerate(models[1:], start=2):
+        _check_same_encoder(first, model, number)
+        if model.preprocess != first.preprocess:
+            raise CheckpointError(
+                f"member {number} preprocesses images as {model.preprocess}, member 1 as {first.preprocess}: "
+                "ensemble members share the encoder's input"
+            )
+        if model.vocab != first.vocab:
+            a, b = first.vocab.words, model.vocab.words
+            index = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            raise CheckpointError(
+                f"member {number} has another vocabulary ({len(b)} words, member 1 {len(a)}; first difference at id "
+                f"{index}): ensemble members must share the vocabulary"
+            )
+    members = [
+        member
+        for model in models
+        for member in (model.decoder.members if isinstance(model.decoder, DecoderEnsemble) else [model.decoder])
+    ]
+    provenance = [
+        {"name": m.name, "version": m.version, "training": m.training, "metrics": m.metrics} for m in models
+    ]
+    return CaptionModel(
+        first.encoder, DecoderEnsemble(members), first.vocab, first.preprocess, name=first.name,
+        version=first.version, decoding=dict(first.decoding), training={"members": provenance}, metrics={},
+        tagger=first.tagger,
+    )
+
+
+def _check_same_encoder(first: CaptionModel, model: CaptionModel, number: int) -> None:
+    """Raise unless ``model``'s encoder is ``first``'s: same name, recorded weights and every tensor equal."""
+    a, b = first.encoder, model.encoder
+    for what, mine, theirs in (
+        ("name", a.name, b.name),
+        ("pretrained weights sha256", a.weights_sha256, b.weights_sha256),
+        ("fine-tuned blocks", a.fine_tune_blocks, b.fine_tune_blocks),
+    ):
+        if mine != theirs:
+            raise CheckpointError(
+                f"member {number}'s encoder has {what} {theirs!r}, member 1's {mine!r}: ensemble members share one "
+                "encoder"
+            )
+    theirs_state = b.blocks.state_dict()
+    for key, value in a.blocks.state_dict().items():
+        if not torch.equal(value.cpu(), theirs_state[key].cpu()):
+            raise CheckpointError(
+                f"member {number}'s encoder weights differ from member 1's (tensor {key}): ensemble members share "
+                "one encoder (train them on the same frozen encoder)"
+            )
+
+
+def _decoders_by_prefix(decoder: CaptionDecoder | DecoderEnsemble) -> dict[str, CaptionDecoder]:
+    """A model's decoders by the prefix of their tensors: ``decoder.`` alone, or ``decoders.<i>.`` per member."""
+    if isinstance(decoder, DecoderEnsemble):
+        return {f"decoders.{i}.": member for i, member in enumerate(decoder.members)}
+    return {"decoder.": decoder}
+
+
+def _decoder_configs(config: dict[str, Any]) -> dict[str, DecoderConfig]:
+    """The architectures config.json records, by tensor prefix (:func:`_decoders_by_prefix`'s layout)."""
+    if "decoders" not in config:
+        return {"decoder.": DecoderConfig(**config["decoder"])}
+    members = config["decoders"]
+    if "decoder" in config or not isinstance(members, list) or not members:
+        raise ValueError("'decoders' must be a non-empty list of decoder configs, in place of 'decoder'")
+    return {f"decoders.{i}.": DecoderConfig(**member) for i, member in enumerate(members)}
 
 
 def _load_prefixed(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, file: Path) -> None:

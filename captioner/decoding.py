@@ -28,6 +28,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from captioner.ensemble import DecoderEnsemble, EnsembleSteps
 from captioner.fast_decoder import FastDecoder, fast_decoder
 from captioner.model import CaptionDecoder, Memory, State
 from captioner.vocabulary import Vocabulary
@@ -168,13 +169,15 @@ class Hypothesis:
 
 
 def decode(
-    decoder: CaptionDecoder, grid: Tensor, vocab: Vocabulary, options: DecodingOptions | Sequence[DecodingOptions]
+    decoder: CaptionDecoder | DecoderEnsemble, grid: Tensor, vocab: Vocabulary,
+    options: DecodingOptions | Sequence[DecodingOptions],
 ) -> list[list[Hypothesis]]:
     """Decode a batch of encoder grids (batch, C, H, W); per image, its ``num_captions`` hypotheses, best first.
 
     The one batched decoding function: ``options`` is one :class:`DecodingOptions` for every image or one per image
     (the service's micro-batches mix requests). Images are grouped by their options and each group's rows of
     ``grid`` are decoded as one batch, so an image's captions never depend on what else is in the batch.
+    ``decoder`` may be a :class:`~captioner.ensemble.DecoderEnsemble`: the same search, on averaged log-probabilities.
     """
     per_image = [options] * grid.size(0) if isinstance(options, DecodingOptions) else list(options)
     if len(per_image) != grid.size(0):
@@ -184,7 +187,8 @@ def decode(
         groups.setdefault(opts, []).append(index)
     results: list[list[Hypothesis]] = [[] for _ in per_image]
     with torch.inference_mode():
-        stepper = fast_decoder(decoder)  # in eval mode, the same step with precomputed tables (fast_decoder.py)
+        # In eval mode, the same step with precomputed tables (fast_decoder.py); an ensemble's members each use theirs.
+        stepper = decoder.steps() if isinstance(decoder, DecoderEnsemble) else fast_decoder(decoder)
         for opts, indices in groups.items():
             rows = grid if len(indices) == len(per_image) else grid[torch.tensor(indices, device=grid.device)]
             for index, hyps in zip(indices, _decode_group(stepper, rows, vocab, opts), strict=True):
@@ -192,7 +196,7 @@ def decode(
     return results
 
 
-Stepper = CaptionDecoder | FastDecoder  # anything with the decoder's memory_and_state() and step()
+Stepper = CaptionDecoder | FastDecoder | EnsembleSteps  # anything with the decoder's memory_and_state() and step()
 
 
 def _decode_group(
@@ -295,7 +299,7 @@ def _beam_search(
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     for step in range(1, options.max_length + 1):
         # A finished beam's logits are never read (below): the fast path skips its rows.
-        live = {"active": ~finished} if isinstance(decoder, FastDecoder) else {}
+        live = {"active": ~finished} if isinstance(decoder, (FastDecoder, EnsembleSteps)) else {}
         logits, state, _ = decoder.step(tokens, state, memory, **live)
         logp = _log_probs(logits, words, step, vocab, options)
         # A finished beam continues only with <pad>, at no cost, so it keeps its place and score.

@@ -5,6 +5,12 @@
 
 ``--set`` records default decoding options (chosen on the dev split) in the shipped config.json. The encoder's
 weights are not copied: config.json references them by sha256.
+
+Several trained models make an ensemble directory (:mod:`captioner.ensemble`): their decoders over the one encoder,
+log-probabilities averaged at every step. They must share the encoder, the preprocessing and the vocabulary (train
+them with the same data and encoder settings, e.g. other seeds); the first model gives the name and defaults:
+
+    .venv/bin/python scripts/ship_model.py runs/a/best runs/b/best runs/c/best --version 4 --set beam_size=5
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.api import DEFAULT_MODEL_DIR  # noqa: E402
-from captioner.checkpoint import load_model, save_model  # noqa: E402
+from captioner.checkpoint import ensemble_of, load_model, save_model  # noqa: E402
 from captioner.decoding import DecodingOptions  # noqa: E402
+from captioner.errors import CaptionerError  # noqa: E402
 
 MANIFEST = "SHA256SUMS"
 
@@ -32,26 +39,39 @@ def write_manifest(model_dir: Path) -> None:
     (model_dir / MANIFEST).write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Ship the model(s) named in ``argv``; 0 when done, 2 (with one line on stderr) when they cannot be shipped."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", type=Path, help="trained model directory (e.g. runs/flickr8k/best)")
+    parser.add_argument("models", type=Path, nargs="+", metavar="model",
+                        help="trained model directory (e.g. runs/flickr8k/best); several make an ensemble")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", help="default decoding option")
-    parser.add_argument("--version", default=None, help="version to record (default: the trained model's)")
-    args = parser.parse_args()
+    parser.add_argument("--version", default=None, help="version to record (default: the (first) trained model's)")
+    args = parser.parse_args(argv)
 
-    model = load_model(args.model, allow_download=False)
-    if args.version:
-        model.version = args.version
-    for item in args.set:
-        key, _, value = item.partition("=")
-        model.decoding[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
-    DecodingOptions(**model.decoding)  # validate before writing anything
+    try:
+        models = [load_model(path, allow_download=False) for path in args.models]
+        model = models[0] if len(models) == 1 else ensemble_of(models)
+        if args.version:
+            model.version = args.version
+        for item in args.set:
+            key, _, value = item.partition("=")
+            model.decoding[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+        DecodingOptions(**model.decoding)  # validate before writing anything
+    except (CaptionerError, TypeError, ValueError) as exc:
+        print(f"ship_model: cannot ship {' '.join(map(str, args.models))}: {exc}", file=sys.stderr)
+        return 2
+    if len(models) > 1:  # where each member came from, beside its name, version and metrics
+        for member, path in zip(model.training["members"], args.models, strict=True):
+            member["source"] = str(path)
     save_model(model, args.out, half_precision=True)
     write_manifest(args.out)
     size = sum(p.stat().st_size for p in args.out.iterdir())
-    print(f"shipped {args.model} -> {args.out} ({size / 1e6:.1f} MB), decoding defaults {model.decoding}")
+    members = f" ({len(models)} decoders)" if len(models) > 1 else ""
+    print(f"shipped {' '.join(map(str, args.models))} -> {args.out}{members} ({size / 1e6:.1f} MB), "
+          f"decoding defaults {model.decoding}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""What an ensemble of decoders costs at inference: the bundled decoder alone versus duplicated 2 and 3 times.
+
+An ensemble's encoder runs once; its decoder runs once per member at every step (captioner/ensemble.py). This
+script loads a model (the bundled one by default), builds ensembles of ``--members`` copies of its decoder (copies
+give the same captions as the decoder alone, so the searches do the same work and only the member count differs),
+and times, for each, side by side in one run (the variants interleaved in every repeat; the fastest of the repeats
+is reported, since other processes on the machine only ever add time):
+
+  end to end   ``Captioner.caption`` on the photo files: read, preprocess, encode, decode;
+  model        ``Captioner.caption_tensors`` on preprocessed images: encode + decode;
+  decode only  ``decode()`` on the encoder grids.
+
+It prints images/s of each and the ratio of each ensemble's time to the single decoder's, with the model's own
+decoding defaults; then the same ratios on the CPU time the process used (all its threads), which other processes
+on a busy machine disturb far less than wall time (with ``--threads 1`` no thread spins waiting for another).
+Photos: the first ``--images`` Flickr8k photos when ``../shared`` is present, else the sample photos, repeated.
+
+    .venv/bin/python benchmarks/ensemble.py
+    .venv/bin/python benchmarks/ensemble.py --images 16 --repeats 7 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from captioner.api import Captioner  # noqa: E402
+from captioner.decoding import decode  # noqa: E402
+from captioner.ensemble import DecoderEnsemble  # noqa: E402
+from captioner.model import CaptionDecoder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
+SAMPLES = ROOT / "captioner" / "samples"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a model directory (default: the bundled model)")
+    parser.add_argument("--members", type=int, nargs="+", default=[2, 3], help="ensemble sizes to compare with 1")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each (the fastest is reported)")
+    parser.add_argument("--runtime", default="auto", help="encoder runtime (default: auto, as the doors use)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    captioner = Captioner.load(args.model, runtime=args.runtime, allow_download=False)
+    single = captioner.model.decoder
+    if not isinstance(single, CaptionDecoder):
+        parser.error("--model must hold a single decoder (this script builds the ensembles)")
+    variants = {1: single} | {n: DecoderEnsemble([copy.deepcopy(single) for _ in range(n)]) for n in args.members}
+    photos = sorted(FLICKR.glob("*.jpg"))[: args.images] if FLICKR.is_dir() else []
+    photos = photos or sorted(SAMPLES.glob("*.jpg"))
+    photos = [photos[i % len(photos)] for i in range(args.images)]
+    options = captioner.options()
+    batch = torch.stack([captioner.load_tensor(p) for p in photos])
+    with torch.inference_mode():
+        grids = captioner.encode(batch).float()
+
+    def run(decoder: CaptionDecoder | DecoderEnsemble, what: str) -> object:
+        captioner.model.decoder = decoder
+        if what == "end to end":
+            return [c[0].text for c in captioner.caption(photos)]
+        if what == "model":
+            return [c[0].text for c in captioner.caption_tensors(batch, options)]
+        return [h[0].tokens for h in decode(decoder, grids, captioner.vocab, options)]
+
+    kinds = ("end to end", "model", "decode only")
+    times: dict[tuple[str, int], list[float]] = {(k, n): [] for k in kinds for n in variants}
+    cpu_times: dict[tuple[str, int], list[float]] = {(k, n): [] for k in kinds for n in variants}
+    results: dict[tuple[str, int], object] = {}
+    for kind in kinds:
+        for n, decoder in variants.items():
+            results[kind, n] = run(decoder, kind)  # warm-up (fast-path tables, runtime caches)
+        for _ in range(args.repeats):
+            for n, decoder in variants.items():  # interleaved, so load changes hit every variant alike
+                start, cpu_start = time.perf_counter(), time.process_time()
+                run(decoder, kind)
+                times[kind, n].append(time.perf_counter() - start)
+                cpu_times[kind, n].append(time.process_time() - cpu_start)
+    captioner.model.decoder = single
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{captioner.name} v{captioner.version}: {args.images} {'Flickr8k' if FLICKR.is_dir() else 'sample'} "
+          f"photos, options {options.to_json()}, encoder runtime {type(captioner.encode).__name__}, torch threads "
+          f"{torch.get_num_threads()}, load average {load:.2f}; fastest of {args.repeats}")
+    same = all(results[k, n] == results[k, 1] for k in kinds for n in args.members)
+    print(f"  ensembles of copies give the single decoder's captions: {same}")
+    print("  wall time:")
+    for kind in kinds:
+        base = min(times[kind, 1])
+        cells = []
+        for n in variants:
+            seconds = min(times[kind, n])
+            ratio = "" if n == 1 else f", {seconds / base:.2f}x the time"
+            cells.append(f"{n} decoder{'s' if n > 1 else ''} {args.images / seconds:6.1f} img/s{ratio}")
+        print(f"    {kind:<12}: " + " | ".join(cells))
+    print("  CPU time of the process:")
+    for kind in kinds:
+        base = min(cpu_times[kind, 1])
+        cells = []
+        for n in variants:
+            seconds = min(cpu_times[kind, n])
+            ratio = "" if n == 1 else f", {seconds / base:.2f}x"
+            cells.append(f"{n} decoder{'s' if n > 1 else ''} {1000 * seconds / args.images:6.1f} ms/img{ratio}")
+        print(f"    {kind:<12}: " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Ensembles of decoders over one encoder (captioner/ensemble.py): the search, the model directory, every door.
+
+The reference below is deliberately naive (one image at a time, Python lists, the plain ``CaptionDecoder.step``
+rather than the fast path): the members' log-probabilities are averaged by hand, renormalised, and searched
+greedily or with a beam, and ``decode`` must find the same captions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CAPTIONS, varied_tiny_model
+from flask import Flask
+from PIL import Image
+from safetensors.torch import load_file
+
+from captioner.api import Captioner
+from captioner.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CaptionModel,
+    ensemble_of,
+    load_model,
+    read_config,
+    save_model,
+)
+from captioner.cli import main
+from captioner.decoding import DecodingOptions, decode
+from captioner.encoder import sha256_file
+from captioner.ensemble import DecoderEnsemble
+from captioner.errors import CheckpointError
+from captioner.model import CaptionDecoder, DecoderConfig
+from captioner.preprocess import PreprocessConfig
+from captioner.vocabulary import Vocabulary
+from service.app import create_app
+from service.routes.common import ENGINE_KEY
+from training.evaluation import load_results
+
+VOCAB = Vocabulary.build(TINY_CAPTIONS, min_count=1)
+SHUFFLED_VOCAB = Vocabulary([*VOCAB.words[:4], *reversed(VOCAB.words[4:])])  # the same size, other ids
+CHANNELS = 1280  # MobileNetV2's, the tiny models' encoder
+ARCHITECTURES = [
+    {"cell": "lstm", "conditioning": "attention", "num_layers": 1},
+    {"cell": "gru", "conditioning": "init", "num_layers": 2},
+    {"cell": "rnn", "conditioning": "attention", "num_layers": 2},
+]
+SHIP_MODEL = Path(__file__).resolve().parents[1] / "scripts" / "ship_model.py"
+
+
+def tiny_decoder(seed: int, cell: str = "lstm", conditioning: str = "attention", num_layers: int = 1) -> CaptionDecoder:
+    """A random decoder whose classifier is scaled up, so that its distributions are peaked (no near-ties)."""
+    torch.manual_seed(seed)
+    decoder = CaptionDecoder(DecoderConfig(len(VOCAB), CHANNELS, embed_dim=16, hidden_dim=32, attention_dim=16,
+                                           num_layers=num_layers, cell=cell, conditioning=conditioning, dropout=0.0))
+    with torch.no_grad():
+        decoder.classifier.weight.mul_(12)
+        decoder.init_h.weight.mul_(20)  # so that the image matters
+    return decoder.eval()
+
+
+def grids(images: int = 3) -> torch.Tensor:
+    return torch.randn(images, CHANNELS, 2, 2, generator=torch.Generator().manual_seed(1))
+
+
+# -- the search ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES, ids=lambda a: f"{a['cell']}-{a['conditioning']}")
+def test_one_member_ensemble_gives_the_single_decoders_captions_and_scores(architecture: dict) -> None:
+    decoder = tiny_decoder(0, **architecture)
+    for options in (
+        DecodingOptions(strategy="greedy", max_length=8),
+        DecodingOptions(beam_size=4, num_captions=3, max_length=8, length_penalty=1.0, no_repeat_ngram_size=2),
+    ):
+        single = decode(decoder, grids(), VOCAB, options)
+        assert decode(DecoderEnsemble([decoder]), grids(), VOCAB, options) == single  # floats too: exactly
+
+
+def _reference_next(members: list[CaptionDecoder], memories: list, states: list, token: int, step: int,
+                    max_length: int) -> tuple[list[float], list]:
+    """The hand-made ensemble step: mean of the members' log-softmaxes, renormalised, then the decoding rules."""
+    tokens = torch.tensor([token])
+    log_probs, new_states = [], []
+    for member, memory, state in zip(members, memories, states, strict=True):
+        logits, state, _ = member.step(tokens, state, memory)
+        log_probs.append(torch.log_softmax(logits[0].double(), dim=0))
+        new_states.append(state)
+    logp = torch.log_softmax(sum(log_probs) / len(log_probs), dim=0).tolist()
+    inf = float("inf")
+    for banned in (VOCAB.pad, VOCAB.start, VOCAB.unk):
+        logp[banned] = -inf
+    if step == 0:
+        logp[VOCAB.end] = -inf
+    if step == max_length:
+        logp = [v if w == VOCAB.end else -inf for w, v in enumerate(logp)]
+    return logp, new_states
+
+
+def _reference_beam(members: list[CaptionDecoder], grid: torch.Tensor, width: int, max_length: int,
+                    penalty: float) -> list[tuple[list[int], float]]:
+    """Beam search over one image: (words without <end>, summed log-probability) of the beams, best first."""
+    memories, states = zip(*(member.memory_and_state(grid.unsqueeze(0)) for member in members), strict=True)
+    beams = [([], 0.0, list(states), False)]  # (words, log_prob, each member's state, finished)
+
+    def score(beam: tuple) -> float:
+        return beam[1] / len(beam[0]) ** penalty
+
+    for step in range(max_length + 1):
+        candidates = []
+        for words, log_prob, beam_states, finished in beams:
+            if finished:
+                candidates.append((words, log_prob, beam_states, True))
+                continue
+            token = words[-1] if words else VOCAB.start
+            logp, new_states = _reference_next(members, memories, beam_states, token, step, max_length)
+            candidates += [(words + [w], log_prob + lp, new_states, w == VOCAB.end)
+                           for w, lp in enumerate(logp) if lp > -float("inf")]
+        beams = sorted(candidates, key=score, reverse=True)[:width]
+        if all(beam[3] for beam in beams):
+            break
+    return [([w for w in words if w != VOCAB.end], log_prob) for words, log_prob, _, _ in beams]
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_two_member_ensemble_matches_a_hand_computed_search(strategy: str) -> None:
+    members = [tiny_decoder(1), tiny_decoder(2, cell="gru", conditioning="init", num_layers=2)]
+    options = DecodingOptions(strategy=strategy, beam_size=3, num_captions=3 if strategy == "beam" else 1,
+                              max_length=6, length_penalty=1.0)
+    found = decode(DecoderEnsemble(members), grids(), VOCAB, options)
+    with torch.no_grad():
+        expected = [_reference_beam(members, grid, options.width, options.max_length, options.length_penalty)
+                    for grid in grids()]
+    for hyps, reference in zip(found, expected, strict=True):
+        assert [h.tokens for h in hyps] == [words for words, _ in reference]
+        assert [h.log_prob for h in hyps] == pytest.approx([lp for _, lp in reference], abs=1e-4)
+    # The ensemble is neither member: its captions differ from each member's own.
+    for member in members:
+        assert [h[0].tokens for h in decode(member, grids(), VOCAB, options)] != [h[0].tokens for h in found]
+
+
+def test_an_ensemble_in_train_mode_decodes_like_in_eval_mode() -> None:
+    """Training's validation decodes its decoder in whatever mode; without dropout the modes agree."""
+    ensemble = DecoderEnsemble([tiny_decoder(1), tiny_decoder(3, cell="rnn", num_layers=2)])
+    options = DecodingOptions(beam_size=3, num_captions=2, max_length=6)
+    evaluated = decode(ensemble, grids(), VOCAB, options)
+    trained = decode(ensemble.train(), grids(), VOCAB, options)
+    for a, b in zip(evaluated, trained, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.log_prob for h in a] == pytest.approx([h.log_prob for h in b], abs=1e-4)
+
+
+def test_members_must_share_vocabulary_and_features() -> None:
+    other = CaptionDecoder(DecoderConfig(len(VOCAB) + 1, CHANNELS, embed_dim=8, hidden_dim=8, attention_dim=8))
+    with pytest.raises(ValueError, match="decoder 2 has vocab_size"):
+        DecoderEnsemble([tiny_decoder(0), other])
+    with pytest.raises(ValueError, match="at least one"):
+        DecoderEnsemble([])
+
+
+# -- model directories -----------------------------------------------------------------------------------------------
+
+def _model(
+    decoder: CaptionDecoder | DecoderEnsemble, base: CaptionModel | None = None, **changes: object
+) -> CaptionModel:
+    """A model with ``decoder`` over ``base``'s encoder (by default the calibrated tiny model's)."""
+    base = base or varied_tiny_model()
+    fields = {"vocab": base.vocab, "preprocess": base.preprocess, "name": "tiny", "version": "test"} | changes
+    return CaptionModel(base.encoder, decoder, tagger=base.tagger, **fields)
+
+
+def test_ensemble_directory_round_trip_and_damage(tmp_path: Path) -> None:
+    members = [tiny_decoder(1), tiny_decoder(2, **ARCHITECTURES[1])]
+    saved = save_model(_model(DecoderEnsemble(members)), tmp_path / "ensemble")
+    config = read_config(saved)
+    assert "decoder" not in config and [DecoderConfig(**c) for c in config["decoders"]] == [m.config for m in members]
+    tensors = load_file(str(saved / WEIGHTS_FILE))
+    assert not any(k.startswith("decoder.") for k in tensors)
+    assert {k.split(".")[1] for k in tensors if k.startswith("decoders.")} == {"0", "1"}
+
+    loaded = load_model(saved)
+    assert isinstance(loaded.decoder, DecoderEnsemble) and not loaded.decoder.training
+    assert loaded.decoder.configs == [m.config for m in members]
+    for original, member in zip(members, loaded.decoder.members, strict=True):
+        assert all(torch.equal(v, member.state_dict()[k]) for k, v in original.state_dict().items())
+    options = DecodingOptions(beam_size=3, num_captions=2, max_length=6)
+    assert decode(loaded.decoder, grids(), VOCAB, options) == decode(DecoderEnsemble(members), grids(), VOCAB, options)
+
+    # A tampered weight file is refused by the same sha256 check as a single decoder's.
+    tampered = Path(save_model(_model(DecoderEnsemble(members)), tmp_path / "tampered"))
+    data = bytearray((tampered / WEIGHTS_FILE).read_bytes())
+    data[-5] ^= 0x01  # a bit of the last tensor's data
+    (tampered / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_model(tampered)
+
+    # A member whose config does not fit the vocabulary, or whose tensors are missing, is named.
+    config["decoders"][1]["vocab_size"] += 1
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="vocab_size"):
+        load_model(saved)
+    config["decoders"] = config["decoders"][:1] * 3  # a third member with no tensors
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"missing tensors \['attention"):
+        load_model(saved)
+    for decoders in ([], "lstm"):
+        (saved / CONFIG_FILE).write_text(json.dumps(config | {"decoders": decoders}))
+        with pytest.raises(CheckpointError, match="inconsistent.*non-empty list"):
+            load_model(saved)
+
+
+def test_single_decoder_directories_load_unchanged(tiny_model_dir: Path) -> None:
+    config = read_config(tiny_model_dir)
+    assert "decoders" not in config and "decoder" in config
+    assert isinstance(load_model(tiny_model_dir).decoder, CaptionDecoder)
+    bundled = read_config(Path(__file__).resolve().parents[1] / "captioner" / "models" / "default")
+    assert "decoders" not in config and isinstance(bundled["decoder"], dict)
+
+
+def test_ensemble_of_refuses_models_that_do_not_share_encoder_preprocessing_or_vocabulary() -> None:
+    base = varied_tiny_model()
+    a = _model(tiny_decoder(1), base)
+    with pytest.raises(CheckpointError, match="member 2 has another vocabulary.*first difference at id 4"):
+        ensemble_of([a, _model(tiny_decoder(2), base, vocab=SHUFFLED_VOCAB)])
+    with pytest.raises(CheckpointError, match="member 2 preprocesses images"):
+        ensemble_of([a, _model(tiny_decoder(2), base, preprocess=PreprocessConfig(size=96))])
+    retrained = varied_tiny_model()
+    with torch.no_grad():
+        next(retrained.encoder.parameters()).add_(0.01)
+    with pytest.raises(CheckpointError, match="member 2's encoder weights differ"):
+        ensemble_of([a, _model(tiny_decoder(2), retrained)])
+
+    # Compatible models: the members' decoders in order (an ensemble brings its own), the first's settings.
+    pair = ensemble_of([a, _model(DecoderEnsemble([tiny_decoder(2), tiny_decoder(3)]), base, name="b")])
+    assert isinstance(pair.decoder, DecoderEnsemble) and len(pair.decoder.members) == 3
+    assert pair.decoder.members[0] is a.decoder and pair.encoder is base.encoder
+    assert [m["name"] for m in pair.training["members"]] == ["tiny", "b"] and pair.metrics == {}
+
+
+def _ship_model(argv: list[str]) -> int:
+    spec = importlib.util.spec_from_file_location("ship_model", SHIP_MODEL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def test_ship_model_builds_an_ensemble_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = varied_tiny_model()
+    runs = [save_model(_model(tiny_decoder(seed), base), tmp_path / f"run{seed}" / "best") for seed in (1, 2)]
+    out = tmp_path / "shipped"
+    assert _ship_model([*map(str, runs), "--out", str(out), "--version", "9", "--set", "beam_size=4"]) == 0
+    assert "(2 decoders)" in capsys.readouterr().out
+    manifest = dict(line.split("  ")[::-1] for line in (out / "SHA256SUMS").read_text().splitlines())
+    assert manifest == {name: sha256_file(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    assert {t.dtype for k, t in load_file(str(out / WEIGHTS_FILE)).items() if k.startswith("decoders.")} == {
+        torch.float16}
+    shipped = load_model(out)
+    assert (shipped.version, shipped.decoding["beam_size"]) == ("9", 4)
+    assert [m["source"] for m in shipped.training["members"]] == [str(r) for r in runs]
+    for seed, member in zip((1, 2), shipped.decoder.members, strict=True):
+        weight = tiny_decoder(seed).classifier.weight
+        assert torch.allclose(member.classifier.weight, weight, rtol=1e-3, atol=1e-3)
+
+    other = save_model(_model(tiny_decoder(3), base, vocab=SHUFFLED_VOCAB), tmp_path / "other" / "best")
+    assert _ship_model([str(runs[0]), str(other), "--out", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "member 2 has another vocabulary" in error
+    assert not (tmp_path / "refused").exists()
+
+
+# -- every door ------------------------------------------------------------------------------------------------------
+
+RECORDED = {"beam_size": 4, "length_penalty": 1.0, "no_repeat_ngram_size": 3, "max_length": 10}
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-member ensemble over the calibrated tiny encoder, recording non-default decoding options."""
+    base = varied_tiny_model()
+    model = _model(DecoderEnsemble([base.decoder, tiny_decoder(2, **ARCHITECTURES[2])]), base)
+    model.decoding = dict(RECORDED)
+    return save_model(model, tmp_path_factory.mktemp("models") / "ensemble")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("photos")
+    paths = []
+    for seed in range(4):
+        pixels = np.random.default_rng(seed).integers(0, 256, (60 + 10 * seed, 80, 3), dtype=np.uint8)
+        paths.append(root / f"photo{seed}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def test_every_door_decodes_the_ensemble(ensemble_dir: Path, photos: list[Path], tmp_path: Path) -> None:
+    """The API, ``captioner caption``, ``POST /v1/captions`` and ``captioner evaluate`` give the same captions.
+
+    The encoder runs in PyTorch everywhere (the runtimes are tested elsewhere; the decoder is PyTorch in all of
+    them), and the commands run in-process through ``captioner.cli.main`` (the console script is tested elsewhere).
+    """
+    captioner = Captioner.load(ensemble_dir, allow_download=False, runtime="torch")
+    assert isinstance(captioner.model.decoder, DecoderEnsemble)
+    api = captioner.caption(photos)
+    texts = [c[0].text for c in api]
+    assert len(set(texts)) > 1
+    # The API decodes the ensemble, not its first member.
+    alone = Captioner(load_model(ensemble_dir), runtime="torch")
+    alone.model.decoder = alone.model.decoder.members[0]
+    assert [c[0].text for c in alone.caption(photos)] != texts
+
+    out = tmp_path / "out.jsonl"
+    assert main(["caption", *map(str, photos), "--model", str(ensemble_dir), "--out", str(out), "--workers", "0",
+                 "--quiet", "--runtime", "torch"]) == 0
+    records = {r["image"]: r["caption"] for r in map(json.loads, out.read_text().splitlines())}
+    assert [records[str(p)] for p in photos] == texts
+
+    app: Flask = create_app({"model": str(ensemble_dir), "load_in_background": False, "runtime": "torch"})
+    try:
+        client = app.test_client()
+        for path, captions in zip(photos, api, strict=True):
+            response = client.post("/v1/captions", data={"image": (io.BytesIO(path.read_bytes()), path.name)})
+            assert response.status_code == 200, response.json
+            assert response.json["captions"][0]["text"] == captions[0].text
+            assert response.json["captions"][0]["score"] == pytest.approx(captions[0].score, abs=1e-5)
+    finally:
+        app.extensions[ENGINE_KEY].close()
+
+    annotations = tmp_path / "captions.json"  # a COCO file over the same photos
+    annotations.write_text(json.dumps({
+        "images": [{"id": i, "file_name": p.name} for i, p in enumerate(photos)],
+        "annotations": [{"id": i, "image_id": i, "caption": "a dog runs on the grass"} for i in range(len(photos))],
+    }))
+    assert main(["evaluate", "--model", str(ensemble_dir), "--annotations", str(annotations), "--images",
+                 str(photos[0].parent), "--out-dir", str(tmp_path / "eval"), "--metrics", "bleu",
+                 "--python-tokenizer", "--workers", "0", "--device", "cpu", "--runtime", "torch"]) == 0
+    assert load_results(tmp_path / "eval" / "results.json") == dict(enumerate(texts))
