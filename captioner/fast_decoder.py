@@ -5,7 +5,7 @@ thousand times per evaluation, so :class:`FastDecoder` computes the same functio
 loop. It is built from a decoder in eval mode and only ever used under ``torch.inference_mode`` by
 :func:`captioner.decoding.decode`; training never sees it and the state_dict is untouched.
 
-What changes per step (all exact algebra; only float summation order differs, ~1e-6):
+What changes per step (all exact f32 algebra; only the order of float operations differs, ~1e-6):
 
 * **Per-word tables.** The first cell's input is ``[embed(w) ; gated context]``, so its input gates are
   ``W_e embed(w) + W_c context + b``. ``W_e embed(w) + b`` depends only on the word: one (vocab, gates) table,
@@ -20,6 +20,13 @@ What changes per step (all exact algebra; only float summation order differs, ~1
   the keys and the query weights are doubled once (exact in floating point) and the constant ``b - sum(w)``,
   the same for every grid cell, is dropped because softmax ignores it. Computing it a few images at a time keeps
   the tensor in the CPU's cache.
+* **The matrix products in ONNX Runtime** (:class:`Gemm`, on CPU where it is installed). Three products (on h,
+  on the gated context, the classifier) are most of a step, and the sgemm PyTorch calls (MKL's) ran them 1.5-3x
+  slower than ONNX Runtime's MLAS kernels on the AMD AVX2 development machine; each weight becomes a one-node
+  session that packs it once. The attention keys of ``memory_and_state`` go the same way.
+* **Small steps as one graph.** With a few images (an HTTP request is one), a step is a few dozen small ops whose
+  dispatch costs more than their arithmetic; for the bundled architecture (a one-layer LSTM with attention) a step
+  of at most :data:`GRAPH_MAX_ROWS` rows is one ONNX Runtime graph of the same algebra (:func:`_step_graph`).
 
 The tables are rebuilt whenever a parameter changes (keyed by each parameter's storage and version counter), so
 training's validation decodes with the current weights.
@@ -43,15 +50,16 @@ GEMM_BACKENDS = ("auto", "torch", "onnxruntime")
 GRAPH_MAX_ROWS = 40
 
 
-def resolve_gemm_backend(backend: str, device: torch.device) -> str:
-    """``"torch"`` or ``"onnxruntime"`` for ``backend`` on ``device``: "auto" takes ONNX Runtime on CPU if installed."""
+def resolve_gemm_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """``"torch"`` or ``"onnxruntime"`` for ``backend`` and weights on ``device`` of ``dtype``: "auto" takes ONNX
+    Runtime for float32 weights on the CPU where it is installed, torch otherwise (GPUs, other precisions)."""
     if backend not in GEMM_BACKENDS:
         raise ValueError(f"unknown matrix-product backend {backend!r} (expected one of {GEMM_BACKENDS})")
-    if backend == "onnxruntime" and device.type != "cpu":
-        raise ValueError(f"the onnxruntime matrix products run on the CPU, not on {device}")
+    supported = device.type == "cpu" and dtype == torch.float32
+    if backend == "onnxruntime" and not supported:
+        raise ValueError(f"the onnxruntime matrix products take float32 weights on the CPU, not {dtype} on {device}")
     if backend == "auto":
-        on_cpu = device.type == "cpu" and importlib.util.find_spec("onnxruntime") is not None
-        return "onnxruntime" if on_cpu else "torch"
+        return "onnxruntime" if supported and importlib.util.find_spec("onnxruntime") is not None else "torch"
     return backend
 
 
@@ -128,7 +136,8 @@ class FastDecoder:
         self.config = c = decoder.config
         self.cell = c.cell
         self.layers = c.num_layers
-        self.gemm = backend = resolve_gemm_backend(gemm, decoder.classifier.weight.device)
+        weight = decoder.classifier.weight
+        self.gemm = backend = resolve_gemm_backend(gemm, weight.device, weight.dtype)
         cells = decoder.cells
         with torch.no_grad():
             first = cells[0]

@@ -173,15 +173,19 @@ def test_gemm_is_the_matrix_product(gemm: str, rows: int) -> None:
 
 
 def test_gemm_backend_choice() -> None:
-    """"auto" is ONNX Runtime on CPU where it is installed, torch elsewhere; unknown or impossible choices raise."""
+    """"auto" is ONNX Runtime for float32 on CPU where it is installed, torch otherwise; unknown or impossible
+    choices raise."""
     cpu = torch.device("cpu")
     assert resolve_gemm_backend("auto", cpu) == ("onnxruntime" if HAS_ONNXRUNTIME else "torch")
     assert resolve_gemm_backend("auto", torch.device("cuda")) == "torch"
     assert resolve_gemm_backend("torch", cpu) == "torch"
     with pytest.raises(ValueError, match="unknown matrix-product backend 'mkl'"):
         resolve_gemm_backend("mkl", cpu)
-    with pytest.raises(ValueError, match="run on the CPU"):
+    assert resolve_gemm_backend("auto", cpu, torch.float64) == "torch"
+    with pytest.raises(ValueError, match="float32 weights on the CPU, not torch.float32 on cuda"):
         resolve_gemm_backend("onnxruntime", torch.device("cuda"))
+    with pytest.raises(ValueError, match="float32 weights on the CPU, not torch.float64 on cpu"):
+        resolve_gemm_backend("onnxruntime", cpu, torch.float64)
     decoder = small_decoder("lstm", "attention", 1)
     assert fast_decoder(decoder, "torch").gemm == "torch"
     assert fast_decoder(decoder, "torch") is not fast_decoder(decoder)  # the cache tells the backends apart
