@@ -11,9 +11,10 @@ trigrams, at most 20 words) by
   ``captioner/fast_decoder.py``;
 
 at batch 32 (the batch command, the features cache) over all the photos and at batch 1 (one HTTP request) over the
-first ``--single`` of them, alternating plain and fast on each round so that other processes' load falls on both
-alike. It prints each path's images/s (median of ``--repeats`` rounds), the ratio, the load average, and how many
-of the best captions differ between the two paths (0 is the target: the fast path is exact algebra). Without the
+first ``--single`` of them, plain and fast taking turns on every batch so that other processes' load falls on both
+alike. It prints each path's images/s (median of ``--repeats`` rounds), wall-clock and per CPU second of this
+process (on a shared machine the latter is steadier), the ratios, the load average, and how many of the best
+captions differ between the two paths (0 is the target: the fast path is exact algebra). Without the
 Flickr8k photos (``../shared/data/flickr8k``) it says so and exits 0.
 
     .venv/bin/python benchmarks/decoding.py --threads 1
@@ -54,12 +55,26 @@ def test_photos(count: int) -> list[Path]:
     return [FLICKR / "images" / name for name in split.read_text().split()[:count]]
 
 
-def in_batches(decoder: Decoder, grids: torch.Tensor, batch_size: int) -> list[list[Hypothesis]]:
-    """``decoder`` on ``grids`` ``batch_size`` images at a time, the results in order."""
-    results: list[list[Hypothesis]] = []
-    for start in range(0, grids.size(0), batch_size):
-        results += decoder(grids[start : start + batch_size])
-    return results
+def timed_round(
+    plain: Decoder, fast: Decoder, grids: torch.Tensor, batch_size: int, round_: int
+) -> dict[str, tuple[float, float, list[list[Hypothesis]]]]:
+    """Both decoders over ``grids``, ``batch_size`` images at a time, taking turns on every batch (who goes first
+    alternates), so that the load of other processes, which changes by the second, falls on both alike.
+
+    Returns, per decoder, its summed wall seconds, its summed CPU seconds (this process; less sensitive than wall
+    time to other processes taking the cores) and its results in order.
+    """
+    totals = {"plain": [0.0, 0.0, []], "fast": [0.0, 0.0, []]}
+    for number, start in enumerate(range(0, grids.size(0), batch_size)):
+        batch = grids[start : start + batch_size]
+        runs = (("plain", plain), ("fast", fast))
+        for name, fn in runs if (round_ + number) % 2 == 0 else runs[::-1]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            results = fn(batch)
+            totals[name][0] += time.perf_counter() - wall
+            totals[name][1] += time.process_time() - cpu
+            totals[name][2] += results
+    return {name: (wall, cpu, results) for name, (wall, cpu, results) in totals.items()}
 
 
 def load_average() -> str:
@@ -115,21 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch threads {torch.get_num_threads()}; load average before: {load_average()}", flush=True)
     print(f"plain: {plain_name}; fast: this tree's decode()")
     for batch_size, grid in ((args.batch_size, grids), (1, grids[: args.single])):
-        times: dict[str, list[float]] = {"plain": [], "fast": []}
-        results: dict[str, list[list[Hypothesis]]] = {}
         fast(grid[:batch_size])  # builds the fast path's tables and sessions once, outside the timing
-        for round_ in range(args.repeats):
-            runs = (("plain", plain), ("fast", fast))
-            for name, fn in runs if round_ % 2 == 0 else runs[::-1]:  # alternate who goes first
-                began = time.perf_counter()
-                results[name] = in_batches(fn, grid, batch_size)
-                times[name].append(time.perf_counter() - began)
-        rate = {name: grid.size(0) / statistics.median(seconds) for name, seconds in times.items()}
-        differ = sum(
-            a[0].tokens != b[0].tokens for a, b in zip(results["plain"], results["fast"], strict=True)
-        )
-        print(f"batch {batch_size:>2}: plain {rate['plain']:6.2f} img/s, fast {rate['fast']:6.2f} img/s, "
-              f"fast / plain {rate['fast'] / rate['plain']:.2f}x, best captions differing: {differ} of "
+        rounds = [timed_round(plain, fast, grid, batch_size, round_) for round_ in range(args.repeats)]
+        wall = {name: grid.size(0) / statistics.median(r[name][0] for r in rounds) for name in ("plain", "fast")}
+        cpu = {name: grid.size(0) / statistics.median(r[name][1] for r in rounds) for name in ("plain", "fast")}
+        results = rounds[-1]
+        differ = sum(a[0].tokens != b[0].tokens for a, b in zip(results["plain"][2], results["fast"][2], strict=True))
+        print(f"batch {batch_size:>2}: plain {wall['plain']:6.2f} img/s, fast {wall['fast']:6.2f} img/s, "
+              f"fast / plain {wall['fast'] / wall['plain']:.2f}x (per CPU second: {cpu['plain']:.2f} vs "
+              f"{cpu['fast']:.2f}, {cpu['fast'] / cpu['plain']:.2f}x); best captions differing: {differ} of "
               f"{grid.size(0)}", flush=True)  # fmt: skip
     print(f"load average after: {load_average()}")
 
