@@ -52,14 +52,16 @@ GRAPH_MAX_ROWS = 40
 
 def resolve_gemm_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """``"torch"`` or ``"onnxruntime"`` for ``backend`` and weights on ``device`` of ``dtype``: "auto" takes ONNX
-    Runtime for float32 weights on the CPU where it is installed, torch otherwise (GPUs, other precisions)."""
+    Runtime for float32 weights on the CPU where it (and ``onnx``, which builds its graphs) is installed, torch
+    otherwise (GPUs, other precisions)."""
     if backend not in GEMM_BACKENDS:
         raise ValueError(f"unknown matrix-product backend {backend!r} (expected one of {GEMM_BACKENDS})")
     supported = device.type == "cpu" and dtype == torch.float32
     if backend == "onnxruntime" and not supported:
         raise ValueError(f"the onnxruntime matrix products take float32 weights on the CPU, not {dtype} on {device}")
     if backend == "auto":
-        return "onnxruntime" if supported and importlib.util.find_spec("onnxruntime") is not None else "torch"
+        installed = all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+        return "onnxruntime" if supported and installed else "torch"
     return backend
 
 

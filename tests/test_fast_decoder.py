@@ -17,7 +17,7 @@ from captioner.fast_decoder import FastDecoder, Gemm, fast_decoder, resolve_gemm
 from captioner.model import CaptionDecoder, DecoderConfig
 
 CONFIGS = list(itertools.product(("lstm", "gru", "rnn"), ("init", "attention"), (1, 2)))
-HAS_ONNXRUNTIME = importlib.util.find_spec("onnxruntime") is not None
+HAS_ONNXRUNTIME = all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 GEMMS = ["torch", pytest.param("onnxruntime", marks=pytest.mark.skipif(not HAS_ONNXRUNTIME,
                                                                       reason="onnxruntime is not installed"))]
 
