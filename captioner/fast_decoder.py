@@ -24,9 +24,6 @@ What changes per step (all exact f32 algebra; only the order of float operations
   on the gated context, the classifier) are most of a step, and the sgemm PyTorch calls (MKL's) ran them 1.5-3x
   slower than ONNX Runtime's MLAS kernels on the AMD AVX2 development machine; each weight becomes a one-node
   session that packs it once. The attention keys of ``memory_and_state`` go the same way.
-* **Small steps as one graph.** With a few images (an HTTP request is one), a step is a few dozen small ops whose
-  dispatch costs more than their arithmetic; for the bundled architecture (a one-layer LSTM with attention) a step
-  of at most :data:`GRAPH_MAX_ROWS` rows is one ONNX Runtime graph of the same algebra (:func:`_step_graph`).
 
 The tables are rebuilt whenever a parameter changes (keyed by each parameter's storage and version counter), so
 training's validation decodes with the current weights.
@@ -46,8 +43,6 @@ from captioner.model import CaptionDecoder, Memory, State
 ATTENTION_CHUNK_BYTES = 1 << 20
 # Who multiplies the step's matrices (see :class:`Gemm`): "auto" is ONNX Runtime on CPU where it is installed.
 GEMM_BACKENDS = ("auto", "torch", "onnxruntime")
-# Steps of at most this many rows (a few images' beams) run as one ONNX Runtime graph (see :func:`_step_graph`).
-GRAPH_MAX_ROWS = 40
 
 
 def resolve_gemm_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
@@ -189,8 +184,6 @@ class FastDecoder:
             self.classifier_gemm = Gemm(
                 decoder.classifier.weight.detach().t().contiguous(), decoder.classifier.bias.detach(), backend
             )
-            one_graph = backend == "onnxruntime" and self.cell == "lstm" and self.layers == 1
-            self.step_graph = _step_graph(self) if one_graph and decoder.attention is not None else None
 
     def memory_and_state(self, grid: Tensor) -> tuple[Memory, State]:
         """The decoder's own ``memory_and_state``, with the attention keys doubled (for sigmoid(2x)).
@@ -248,8 +241,6 @@ class FastDecoder:
         finished beams) still attend, since their image's beams attend together, but skip the cell and the
         classifier; their logits come back as zeros and their state unchanged.
         """
-        if self.step_graph is not None and tokens.size(0) <= GRAPH_MAX_ROWS:
-            return self._graph_step(tokens, state, memory, active)
         fused: tuple[Tensor, ...] = ()
         if self.h_gemm is not None:  # [query | beta | layer-0 recurrent gates] from the top layer's h
             fused = self.h_gemm(state[0][:, -1]).split(self.splits, dim=1)
@@ -266,22 +257,6 @@ class FastDecoder:
         )  # fmt: skip
         all_logits = logits.new_zeros(tokens.size(0), logits.size(1)).index_copy_(0, rows, logits)
         return all_logits, tuple(s.index_copy(0, rows, n) for s, n in zip(state, new_rows, strict=True)), None
-
-    def _graph_step(
-        self, tokens: Tensor, state: State, memory: Memory, active: Tensor | None
-    ) -> tuple[Tensor, State, None]:
-        """:meth:`step` for a one-layer LSTM with attention as one call of :func:`_step_graph`'s session."""
-        h, c = state
-        feeds = {"tokens": tokens.contiguous().numpy(), "h": h[:, 0].contiguous().numpy(),
-                 "c": c[:, 0].contiguous().numpy(), "features": memory[0].contiguous().numpy(),
-                 "keys": memory[1].contiguous().numpy()}  # fmt: skip
-        logits, new_h, new_c = (torch.from_numpy(out) for out in self.step_graph.run(None, feeds))
-        new_state: State = (new_h.unsqueeze(1), new_c.unsqueeze(1))
-        if active is not None:  # the rows beam search will not read: zeros and their old state, as documented
-            logits.masked_fill_(~active.unsqueeze(1), 0.0)
-            keep = active.view(-1, 1, 1)
-            new_state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state, strict=True))
-        return logits, new_state, None
 
     def _advance(
         self, tokens: Tensor, state: State, fused: tuple[Tensor, ...], context: Tensor | None
@@ -306,87 +281,6 @@ class FastDecoder:
         h_stack = torch.stack(new_h, dim=1)
         new_state: State = (h_stack, torch.stack(new_c, dim=1)) if self.cell == "lstm" else (h_stack,)
         return self.classifier_gemm(new_h[-1]), new_state
-
-
-def _step_graph(fast: FastDecoder) -> object:
-    """:meth:`FastDecoder.step` of a one-layer LSTM with attention as one ONNX Runtime graph, for small steps.
-
-    A step of one image's beams is a few dozen small PyTorch ops, each costing more in dispatch than in arithmetic;
-    as one graph they are one call. It is the same algebra as the PyTorch ops (the same tables, the doubled query
-    and keys, the sigmoid for the tanh), but for every row: no ``active`` skipping (which saves nothing at this
-    size, where a product's time hardly depends on its rows), and the attention unchunked (its tensor is small).
-    Inputs: ``tokens`` (R,), ``h`` and ``c`` (R, H), ``features`` (B, N, C) and doubled ``keys`` (B, N, A), with
-    R = B * G; outputs ``logits`` (R, V) and the new ``h`` and ``c``.
-    """
-    import numpy as np
-    import onnxruntime
-    from onnx import TensorProto, helper, numpy_helper
-
-    def constant(name: str, value: Tensor | list[int]) -> object:
-        array = np.array(value, dtype=np.int64) if isinstance(value, list) else value.detach().cpu().numpy()
-        return numpy_helper.from_array(np.ascontiguousarray(array), name)
-
-    config, node = fast.config, helper.make_node
-    hidden, attention, features = config.hidden_dim, config.attention_dim, config.feature_dim
-    initializers = [
-        constant("h_weight", fast.h_gemm.weight), constant("h_bias", fast.h_gemm.bias),
-        constant("splits", fast.splits), constant("word_gates", fast.word_gates),
-        constant("context_weight", fast.context_gemm.weight),
-        constant("score_weight", fast.score_weight.view(-1, 1)),
-        constant("classifier_weight", fast.classifier_gemm.weight),
-        constant("classifier_bias", fast.classifier_gemm.bias),
-        constant("query_shape", [-1, 1, attention]), constant("context_shape", [-1, features]),
-        constant("axis0", [0]), constant("axis1", [1]), constant("axis3", [3]),
-    ]  # fmt: skip
-    nodes = [
-        # [query | beta | recurrent gates] = h @ h_weight + h_bias, as in FastDecoder.step
-        node("Gemm", ["h", "h_weight", "h_bias"], ["fused"]),
-        node("Split", ["fused", "splits"], ["query", "beta", "hh"], axis=1),
-        # attention: scores = sigmoid(keys + query) . score_weight over (B, G, N, A); context = alpha @ features
-        node("Shape", ["keys"], ["keys_shape"]),
-        node("Slice", ["keys_shape", "axis0", "axis1"], ["images"]),
-        node("Concat", ["images", "query_shape"], ["query_4d"], axis=0),
-        node("Reshape", ["query", "query_4d"], ["query_bg"]),  # (B, G, 1, A)
-        node("Unsqueeze", ["keys", "axis1"], ["keys_b1"]),  # (B, 1, N, A)
-        node("Add", ["keys_b1", "query_bg"], ["energy"]),
-        node("Sigmoid", ["energy"], ["squashed"]),
-        node("MatMul", ["squashed", "score_weight"], ["scores_4d"]),
-        node("Squeeze", ["scores_4d", "axis3"], ["scores"]),
-        node("Softmax", ["scores"], ["alpha"], axis=-1),
-        node("MatMul", ["alpha", "features"], ["context_bg"]),
-        node("Reshape", ["context_bg", "context_shape"], ["context"]),
-        # the LSTM cell: gates = word_gates[token] + (sigmoid(beta) * context) @ context_weight + hh
-        node("Sigmoid", ["beta"], ["beta_gate"]),
-        node("Mul", ["beta_gate", "context"], ["gated"]),
-        node("Gather", ["word_gates", "tokens"], ["word_part"], axis=0),
-        node("Gemm", ["gated", "context_weight", "word_part"], ["input_part"]),
-        node("Add", ["input_part", "hh"], ["gates"]),
-        node("Split", ["gates"], ["i", "f", "g", "o"], axis=1, num_outputs=4),
-        node("Sigmoid", ["i"], ["i_gate"]), node("Sigmoid", ["f"], ["f_gate"]),
-        node("Tanh", ["g"], ["g_tanh"]), node("Sigmoid", ["o"], ["o_gate"]),
-        node("Mul", ["f_gate", "c"], ["kept"]), node("Mul", ["i_gate", "g_tanh"], ["written"]),
-        node("Add", ["kept", "written"], ["c_new"]),
-        node("Tanh", ["c_new"], ["c_tanh"]), node("Mul", ["o_gate", "c_tanh"], ["h_new"]),
-        node("Gemm", ["h_new", "classifier_weight", "classifier_bias"], ["logits"]),
-    ]
-    f32 = TensorProto.FLOAT
-    inputs = [
-        helper.make_tensor_value_info("tokens", TensorProto.INT64, ["rows"]),
-        helper.make_tensor_value_info("h", f32, ["rows", hidden]),
-        helper.make_tensor_value_info("c", f32, ["rows", hidden]),
-        helper.make_tensor_value_info("features", f32, ["images", "cells", features]),
-        helper.make_tensor_value_info("keys", f32, ["images", "cells", attention]),
-    ]  # fmt: skip
-    outputs = [
-        helper.make_tensor_value_info("logits", f32, ["rows", config.vocab_size]),
-        helper.make_tensor_value_info("h_new", f32, ["rows", hidden]),
-        helper.make_tensor_value_info("c_new", f32, ["rows", hidden]),
-    ]
-    graph = helper.make_graph(nodes, "decoder_step", inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    return onnxruntime.InferenceSession(
-        model.SerializeToString(), _session_options(), providers=["CPUExecutionProvider"]
-    )
 
 
 _CACHE: weakref.WeakKeyDictionary[CaptionDecoder, tuple[tuple, FastDecoder]] = weakref.WeakKeyDictionary()

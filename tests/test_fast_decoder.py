@@ -30,22 +30,17 @@ def small_decoder(cell: str, conditioning: str, layers: int, seed: int = 0) -> C
 
 
 @pytest.mark.parametrize(("cell", "conditioning", "layers"), CONFIGS, ids=["-".join(map(str, c)) for c in CONFIGS])
-@pytest.mark.parametrize(("chunk_bytes", "graph_rows"), [(1 << 20, fast_module.GRAPH_MAX_ROWS), (1, 0)],
-                         ids=["one-chunk-or-one-graph", "chunk-per-image-no-graph"])
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 1], ids=["one-chunk", "chunk-per-image"])
 @pytest.mark.parametrize("gemm", GEMMS)
 def test_fast_step_equals_the_reference_step(
-    cell: str, conditioning: str, layers: int, chunk_bytes: int, graph_rows: int, gemm: str,
-    monkeypatch: pytest.MonkeyPatch,
+    cell: str, conditioning: str, layers: int, chunk_bytes: int, gemm: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Several steps of 3 images x 2 beams: logits and every state tensor agree within 1e-5, with either backend
-    of the matrix products, and (one-layer LSTM with attention on ONNX Runtime) as one graph or as separate ops."""
+    of the matrix products."""
     monkeypatch.setattr(fast_module, "ATTENTION_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(fast_module, "GRAPH_MAX_ROWS", graph_rows)
     decoder = small_decoder(cell, conditioning, layers)
     fast = FastDecoder(decoder, gemm)
     assert fast.gemm == gemm
-    one_graph = gemm == "onnxruntime" and (cell, conditioning, layers) == ("lstm", "attention", 1)
-    assert (fast.step_graph is not None) == one_graph
     grid = torch.randn(3, 24, 2, 2, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         memory, state = decoder.memory_and_state(grid)
@@ -111,13 +106,8 @@ def test_training_mode_uses_the_decoder_itself() -> None:
 
 @pytest.mark.parametrize(("cell", "conditioning", "layers"), [("lstm", "attention", 1), ("gru", "attention", 2),
                                                               ("rnn", "init", 1)])
-@pytest.mark.parametrize("graph_rows", [fast_module.GRAPH_MAX_ROWS, 0], ids=["graph-if-any", "no-graph"])
-def test_inactive_rows_skip_the_step(
-    cell: str, conditioning: str, layers: int, graph_rows: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``active`` rows get the full step's logits and state; the others zeros and their old state (also from the
-    one-graph step, which computes every row)."""
-    monkeypatch.setattr(fast_module, "GRAPH_MAX_ROWS", graph_rows)
+def test_inactive_rows_skip_the_step(cell: str, conditioning: str, layers: int) -> None:
+    """``active`` rows get the full step's logits and state; the others zeros and their old state."""
     decoder = small_decoder(cell, conditioning, layers)
     fast = FastDecoder(decoder)
     grid = torch.randn(2, 24, 2, 2, generator=torch.Generator().manual_seed(1))
@@ -211,14 +201,10 @@ SEARCHES = [
 
 @pytest.mark.parametrize("images", [1, 9])
 @pytest.mark.parametrize("search", SEARCHES, ids=lambda o: "-".join(f"{v}" for v in o.values()))
-@pytest.mark.parametrize("graph_rows", [fast_module.GRAPH_MAX_ROWS, 0], ids=["graph-for-small-steps", "no-graph"])
-def test_fast_decode_writes_the_plain_captions(
-    search: dict, images: int, graph_rows: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fast_decode_writes_the_plain_captions(search: dict, images: int) -> None:
     """decode() (the fast path) and the same search stepping ``CaptionDecoder.step`` write the same captions with
     the same log-probabilities and scores: beam (penalties 0, 1, 2; trigram blocking on and off) and greedy, one
-    image or many whose captions end at different steps, with small steps as one graph or as separate ops."""
-    monkeypatch.setattr(fast_module, "GRAPH_MAX_ROWS", graph_rows)
+    image or many whose captions end at different steps."""
     decoder, vocab = varied_lengths_decoder()
     grid = torch.randn(images, 1280, 2, 2, generator=torch.Generator().manual_seed(8)) * 3.0
     options = DecodingOptions(max_length=10, **search)
