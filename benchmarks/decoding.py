@@ -1,26 +1,30 @@
-"""Batched beam search versus a per-image Python loop of the same search, decoder only.
+"""The decoder's fast path against the plain PyTorch decoder, side by side in one run: images/s and same captions.
 
-One random-weight decoder of realistic size (MobileNetV2 grid: 1280 channels, 7x7; embed 256, hidden 512, attention
-256, vocabulary 3000) and random feature grids. It times:
+The bundled model (or ``--model``) encodes the first ``--images`` Flickr8k test photos once (default runtime,
+batches of 32); then the grids are decoded with the model's default decoding (beam 5, length penalty 1, no repeated
+trigrams, at most 20 words) by
 
-  (a) one ``decode()`` call on all ``--images`` grids (beam ``--beam-size``), and
-  (b) a Python loop calling ``decode()`` on each grid alone, with the same options,
+* **plain**: the decoder as it was at ``--baseline`` (a git commit; its ``model.py`` and ``decoding.py`` loaded
+  from git, as ``benchmarks/runtime.py`` does), that is ``CaptionDecoder.step`` driven by that beam search, or
+  this tree's beam search stepping ``CaptionDecoder.step`` itself where git or the commit is missing;
+* **fast**: this tree's :func:`captioner.decoding.decode`, which steps the inference fast path of
+  ``captioner/fast_decoder.py``;
 
-checks that both give the same captions, and prints both times and (b)/(a). Random weights never emit ``<end>``
-early, so every beam runs to ``--max-length`` words in both: the ratio measures batching, not early stopping.
+at batch 32 (the batch command, the features cache) over all the photos and at batch 1 (one HTTP request) over the
+first ``--single`` of them, plain and fast taking turns on every batch so that other processes' load falls on both
+alike. It prints each path's images/s (median of ``--repeats`` rounds), wall-clock and per CPU second of this
+process (on a shared machine the latter is steadier), the ratios, the load average, and how many of the best
+captions differ between the two paths (0 is the target: the fast path is exact algebra). Without the
+Flickr8k photos (``../shared/data/flickr8k``) it says so and exits 0.
 
-With ``--model DIR`` (``default`` for the bundled model) the same comparison runs on a trained decoder and the
-encoder grids of real photos (the first ``--images`` Flickr8k photos when ``../shared`` is present, else the sample
-photos, repeated), with the model's own decoding defaults: captions end at their own lengths, as in real use.
-
-    .venv/bin/python benchmarks/decoding.py
-    .venv/bin/python benchmarks/decoding.py --model default
-    .venv/bin/python benchmarks/decoding.py --threads 1 --repeats 5
+    .venv/bin/python benchmarks/decoding.py --threads 1
+    .venv/bin/python benchmarks/decoding.py --threads 1 --images 200 --single 40 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -30,116 +34,113 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runtime import load_baseline_decoder  # noqa: E402
 
 from captioner.api import Captioner  # noqa: E402
-from captioner.decoding import DecodingOptions, Hypothesis, decode  # noqa: E402
-from captioner.model import CaptionDecoder, DecoderConfig  # noqa: E402
-from captioner.vocabulary import SPECIALS, Vocabulary  # noqa: E402
+from captioner.decoding import Hypothesis, _decode_group, decode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FLICKR = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
-SAMPLES = ROOT / "captioner" / "samples"
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
+
+Decoder = Callable[[torch.Tensor], list[list[Hypothesis]]]  # grids (B, C, H, W) -> hypotheses per image
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    """Median wall time of ``repeats`` calls (after one warm-up call) and the last result."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def test_photos(count: int) -> list[Path]:
+    """The first ``count`` photos of the Flickr8k test split (empty without the data)."""
+    split = FLICKR / "splits" / "test.txt"
+    if not split.is_file():
+        return []
+    return [FLICKR / "images" / name for name in split.read_text().split()[:count]]
+
+
+def timed_round(
+    plain: Decoder, fast: Decoder, grids: torch.Tensor, batch_size: int, round_: int
+) -> dict[str, tuple[float, float, list[list[Hypothesis]]]]:
+    """Both decoders over ``grids``, ``batch_size`` images at a time, taking turns on every batch (who goes first
+    alternates), so that the load of other processes, which changes by the second, falls on both alike.
+
+    Returns, per decoder, its summed wall seconds, its summed CPU seconds (this process; less sensitive than wall
+    time to other processes taking the cores) and its results in order.
+    """
+    totals = {"plain": [0.0, 0.0, []], "fast": [0.0, 0.0, []]}
+    for number, start in enumerate(range(0, grids.size(0), batch_size)):
+        batch = grids[start : start + batch_size]
+        runs = (("plain", plain), ("fast", fast))
+        for name, fn in runs if (round_ + number) % 2 == 0 else runs[::-1]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            results = fn(batch)
+            totals[name][0] += time.perf_counter() - wall
+            totals[name][1] += time.process_time() - cpu
+            totals[name][2] += results
+    return {name: (wall, cpu, results) for name, (wall, cpu, results) in totals.items()}
+
+
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages, or "n/a" where the OS has none."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--beam-size", type=int, default=5)
-    parser.add_argument("--max-length", type=int, default=20)
-    parser.add_argument("--vocab", type=int, default=3000)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median reported)")
+    parser.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    parser.add_argument("--images", type=int, default=200, help="test photos decoded at batch 32")
+    parser.add_argument("--single", type=int, default=40, help="of which decoded one at a time (batch 1)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of each (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default=None, help="a model directory, or 'default' for the bundled model")
+    parser.add_argument("--baseline", default="f483925", help="git commit whose decoder is the plain path")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    photos = test_photos(args.images)
+    if not photos:
+        print(f"skipped: no Flickr8k test photos under {FLICKR}")
+        return
 
-    torch.manual_seed(0)
-    if args.model:
-        captioner = Captioner.load(None if args.model == "default" else args.model, args.device)
-        decoder, vocab, config = captioner.model.decoder, captioner.vocab, captioner.model.decoder.config
-        photos = sorted(FLICKR.glob("*.jpg"))[: args.images] if FLICKR.is_dir() else []
-        photos = photos or [SAMPLES / name for name in sorted(p.name for p in SAMPLES.glob("*.jpg"))]
-        photos = [photos[i % len(photos)] for i in range(args.images)]
-        with torch.inference_mode():
-            grids = captioner.model.encoder(torch.stack([captioner.load_tensor(p) for p in photos]).to(args.device))
-        options = captioner.options(beam_size=args.beam_size, max_length=args.max_length)
-        source = f"{args.model} model on {'Flickr8k' if FLICKR.is_dir() else 'sample'} photos"
+    captioner = Captioner.load(args.model, allow_download=False)
+    options = captioner.options()
+    with torch.inference_mode():
+        grids = torch.cat([
+            captioner.encode(torch.stack([captioner.load_tensor(p) for p in photos[i : i + 32]]))
+            for i in range(0, len(photos), 32)
+        ]).float()  # fmt: skip
+    decoder, vocab = captioner.model.decoder, captioner.vocab
+    baseline = load_baseline_decoder(args.baseline, captioner)
+    if baseline is not None:
+        plain_name = f"the decoder at {args.baseline}"
+
+        def plain(g: torch.Tensor) -> list[list[Hypothesis]]:
+            return baseline(g, options)
     else:
-        vocab = Vocabulary([*SPECIALS, *(f"word{i}" for i in range(args.vocab - len(SPECIALS)))])
-        config = DecoderConfig(len(vocab), 1280, embed_dim=256, hidden_dim=512, attention_dim=256, dropout=0.0)
-        decoder = CaptionDecoder(config).eval().to(args.device)
-        grids = torch.rand(args.images, 1280, 7, 7, device=args.device) * 2.0  # post-ReLU6-like activations
-        options = DecodingOptions(strategy="beam", beam_size=args.beam_size, max_length=args.max_length)
-        source = "random weights"
-    sync = torch.cuda.synchronize if grids.is_cuda else (lambda: None)
+        plain_name = "this tree's search on CaptionDecoder.step"
 
-    def batched() -> list[list[Hypothesis]]:
-        result = decode(decoder, grids, vocab, options)
-        sync()
-        return result
+        def plain(g: torch.Tensor) -> list[list[Hypothesis]]:
+            with torch.inference_mode():
+                return _decode_group(decoder, g, vocab, options)
 
-    def per_image() -> list[list[Hypothesis]]:
-        result = [decode(decoder, grids[i : i + 1], vocab, options)[0] for i in range(args.images)]
-        sync()
-        return result
+    def fast(g: torch.Tensor) -> list[list[Hypothesis]]:
+        return decode(decoder, g, vocab, options)
 
-    batch_time, batch_result = timed(batched, args.repeats)
-    loop_time, loop_result = timed(per_image, args.repeats)
-    same_tokens = [h.tokens for hs in batch_result for h in hs] == [h.tokens for hs in loop_result for h in hs]
-    max_diff = max(
-        abs(a.log_prob - b.log_prob)
-        for ha, hb in zip(batch_result, loop_result, strict=True)
-        for a, b in zip(ha, hb, strict=True)
-    )
-    lengths = [len(hs[0].tokens) for hs in batch_result]
-    rows = args.images * args.beam_size
-    gemm_small, gemm_big = gemm_row_costs(decoder, args.beam_size, rows, args.repeats)
-
-    print(
-        f"decoder ({source}): embed {config.embed_dim}, hidden {config.hidden_dim}, attention {config.attention_dim}, "
-        f"vocab {len(vocab)}, grid {tuple(grids.shape[1:])}, {config.cell}; "
-        f"device {args.device}, torch threads {torch.get_num_threads()}"
-    )
-    print(
-        f"beam search: {args.images} images, beam {options.beam_size}, max_length {options.max_length}, "
-        f"length penalty {options.length_penalty}, no-repeat n-gram {options.no_repeat_ngram_size} "
-        f"(caption lengths {min(lengths)}-{max(lengths)}), median of {args.repeats}"
-    )
-    per_image_ms = 1000 / args.images
-    print(f"  batched   (one decode() call): {batch_time * 1000:9.1f} ms  ({batch_time * per_image_ms:.2f} ms/image)")
-    print(f"  per-image (Python loop)      : {loop_time * 1000:9.1f} ms  ({loop_time * per_image_ms:.2f} ms/image)")
-    print(
-        f"  speed-up: {loop_time / batch_time:.1f}x  (same captions: {same_tokens}, max |log_prob diff| {max_diff:.1e})"
-    )
-    print(
-        f"  for reference, the LSTM input matmul costs {gemm_small / gemm_big:.1f}x more per row at {args.beam_size} "
-        f"rows (one image's beams) than at {rows} rows (all images' beams)"
-    )
-
-
-def gemm_row_costs(decoder: CaptionDecoder, small: int, big: int, repeats: int) -> tuple[float, float]:
-    """Per-row time of the largest matmul (the first cell's input projection) at ``small`` and ``big`` rows."""
-    weight = decoder.cells[0].weight_ih
-    costs = []
-    for rows in (small, big):
-        x = torch.randn(rows, weight.size(1), device=weight.device)
-        with torch.inference_mode():
-            seconds, _ = timed(lambda x=x: torch.nn.functional.linear(x, weight).sum().item(), 20 * repeats)
-        costs.append(seconds / rows)
-    return costs[0], costs[1]
+    print(f"{len(photos)} Flickr8k test photos, grid {tuple(grids.shape[1:])}; decoding {options}")
+    print(f"torch threads {torch.get_num_threads()}; load average before: {load_average()}", flush=True)
+    print(f"plain: {plain_name}; fast: this tree's decode()")
+    for batch_size, grid in ((args.batch_size, grids), (1, grids[: args.single])):
+        fast(grid[:batch_size])  # builds the fast path's tables and sessions once, outside the timing
+        rounds = [timed_round(plain, fast, grid, batch_size, round_) for round_ in range(args.repeats)]
+        wall = {name: grid.size(0) / statistics.median(r[name][0] for r in rounds) for name in ("plain", "fast")}
+        cpu = {name: grid.size(0) / statistics.median(r[name][1] for r in rounds) for name in ("plain", "fast")}
+        results = rounds[-1]
+        differ = sum(a[0].tokens != b[0].tokens for a, b in zip(results["plain"][2], results["fast"][2], strict=True))
+        print(f"batch {batch_size:>2}: plain {wall['plain']:6.2f} img/s, fast {wall['fast']:6.2f} img/s, "
+              f"fast / plain {wall['fast'] / wall['plain']:.2f}x (per CPU second: {cpu['plain']:.2f} vs "
+              f"{cpu['fast']:.2f}, {cpu['fast'] / cpu['plain']:.2f}x); best captions differing: {differ} of "
+              f"{grid.size(0)}", flush=True)  # fmt: skip
+    print(f"load average after: {load_average()}")
 
 
 if __name__ == "__main__":

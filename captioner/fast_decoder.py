@@ -5,7 +5,7 @@ thousand times per evaluation, so :class:`FastDecoder` computes the same functio
 loop. It is built from a decoder in eval mode and only ever used under ``torch.inference_mode`` by
 :func:`captioner.decoding.decode`; training never sees it and the state_dict is untouched.
 
-What changes per step (all exact algebra; only float summation order differs, ~1e-6):
+What changes per step (all exact f32 algebra; only the order of float operations differs, ~1e-6):
 
 * **Per-word tables.** The first cell's input is ``[embed(w) ; gated context]``, so its input gates are
   ``W_e embed(w) + W_c context + b``. ``W_e embed(w) + b`` depends only on the word: one (vocab, gates) table,
@@ -20,6 +20,10 @@ What changes per step (all exact algebra; only float summation order differs, ~1
   the keys and the query weights are doubled once (exact in floating point) and the constant ``b - sum(w)``,
   the same for every grid cell, is dropped because softmax ignores it. Computing it a few images at a time keeps
   the tensor in the CPU's cache.
+* **The matrix products in ONNX Runtime** (:class:`Gemm`, on CPU where it is installed). Three products (on h,
+  on the gated context, the classifier) are most of a step, and the sgemm PyTorch calls (MKL's) ran them 1.5-3x
+  slower than ONNX Runtime's MLAS kernels on the AMD AVX2 development machine; each weight becomes a one-node
+  session that packs it once. The attention keys of ``memory_and_state`` go the same way.
 
 The tables are rebuilt whenever a parameter changes (keyed by each parameter's storage and version counter), so
 training's validation decodes with the current weights.
@@ -27,6 +31,7 @@ training's validation decodes with the current weights.
 
 from __future__ import annotations
 
+import importlib.util
 import weakref
 
 import torch
@@ -36,12 +41,90 @@ from captioner.model import CaptionDecoder, Memory, State
 
 # Images per attention chunk: (chunk * beams * N * A) floats, about 1 MiB for the bundled model at beam 5.
 ATTENTION_CHUNK_BYTES = 1 << 20
+# Who multiplies the step's matrices (see :class:`Gemm`): "auto" is ONNX Runtime on CPU where it is installed.
+GEMM_BACKENDS = ("auto", "torch", "onnxruntime")
+
+
+def resolve_gemm_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """``"torch"`` or ``"onnxruntime"`` for ``backend`` and weights on ``device`` of ``dtype``: "auto" takes ONNX
+    Runtime for float32 weights on the CPU where it (and ``onnx``, which builds its graphs) is installed, torch
+    otherwise (GPUs, other precisions)."""
+    if backend not in GEMM_BACKENDS:
+        raise ValueError(f"unknown matrix-product backend {backend!r} (expected one of {GEMM_BACKENDS})")
+    supported = device.type == "cpu" and dtype == torch.float32
+    if backend == "onnxruntime" and not supported:
+        raise ValueError(f"the onnxruntime matrix products take float32 weights on the CPU, not {dtype} on {device}")
+    if backend == "auto":
+        installed = all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+        return "onnxruntime" if supported and installed else "torch"
+    return backend
+
+
+class Gemm:
+    """``x @ weight + addend`` for one fixed weight (K, N): ``torch.addmm``, or ONNX Runtime's kernels on CPU.
+
+    The addend is the fixed ``bias`` (N,), or, where ``bias`` is None, a (rows, N) tensor given with each call.
+    Why ONNX Runtime: a decoding step multiplies a few to a few hundred rows by 2-10 MB weights, and the CPU
+    matmul PyTorch calls (MKL's sgemm) is slow at those shapes on some CPUs: on the AMD EPYC (AVX2) of the
+    development machine it ran at 3-5 GFLOP/s for 5 rows (one image's beams) and ~20 for 160 rows, where ONNX
+    Runtime's MLAS kernels (which pre-pack the constant weight once, at session creation) ran ~3x and ~1.5x faster.
+    Both compute the exact f32 product; only the summation order differs.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, backend: str) -> None:
+        self.weight, self.bias = weight, bias
+        self.session = _onnxruntime_gemm(weight, bias) if backend == "onnxruntime" else None
+
+    def __call__(self, x: Tensor, addend: Tensor | None = None) -> Tensor:
+        """``x`` (rows, K) times the weight, plus the bias or ``addend`` (rows, N)."""
+        addend = self.bias if addend is None else addend
+        if self.session is None or x.size(0) == 0:
+            return torch.addmm(addend, x, self.weight)
+        feeds = {"x": x.contiguous().numpy()}
+        if self.bias is None:
+            feeds["addend"] = addend.contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, feeds)[0])
+
+
+def _onnxruntime_gemm(weight: Tensor, bias: Tensor | None) -> object:
+    """An ONNX Runtime session of one ``Gemm`` node: y = x @ weight + (bias, or the input ``addend``)."""
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])]
+    initializers = [numpy_helper.from_array(weight.detach().cpu().float().contiguous().numpy(), "weight")]
+    if bias is None:
+        inputs.append(helper.make_tensor_value_info("addend", TensorProto.FLOAT, ["rows", n]))
+        addend = "addend"
+    else:
+        initializers.append(numpy_helper.from_array(bias.detach().cpu().float().contiguous().numpy(), "bias"))
+        addend = "bias"
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "weight", addend], ["y"])], "gemm", inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])], initializers,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnxruntime.InferenceSession(
+        model.SerializeToString(), _session_options(), providers=["CPUExecutionProvider"]
+    )
+
+
+def _session_options() -> object:
+    """As many threads as PyTorch uses (when built), no spinning between calls: the next ops get the cores back."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 class FastDecoder:
     """``memory_and_state`` and ``step`` of a :class:`CaptionDecoder` in eval mode, computed with precomputed tables."""
 
-    def __init__(self, decoder: CaptionDecoder) -> None:
+    def __init__(self, decoder: CaptionDecoder, gemm: str = "auto") -> None:
         if decoder.training:
             raise ValueError("FastDecoder is for inference: put the decoder in eval mode")
         # A weak reference: the cache below maps each decoder to its FastDecoder, and a strong one would keep
@@ -50,6 +133,8 @@ class FastDecoder:
         self.config = c = decoder.config
         self.cell = c.cell
         self.layers = c.num_layers
+        weight = decoder.classifier.weight
+        self.gemm = backend = resolve_gemm_backend(gemm, weight.device, weight.dtype)
         cells = decoder.cells
         with torch.no_grad():
             first = cells[0]
@@ -60,13 +145,17 @@ class FastDecoder:
             # The recurrent bias joins the input side except for the GRU's candidate gate, where r scales it.
             joint_bias = b_ih + b_hh if self.cell != "gru" else b_ih
             self.word_gates = torch.addmm(joint_bias, decoder.embed.weight.detach(), w_ih[:, :e].t())  # (V, gates)
-            self.context_weight = w_ih[:, e:].t().contiguous() if decoder.attention is not None else None
+            # The context's share of the gates, added to the word's rows: the product's addend is given per call.
+            self.context_gemm = (
+                Gemm(w_ih[:, e:].t().contiguous(), None, backend) if decoder.attention is not None else None
+            )
             self.hh_bias = [b_hh if self.cell == "gru" else None] + [
                 cell.bias_hh.detach() if self.cell == "gru" else None for cell in cells[1:]
             ]
             self.upper = [
-                (cell.weight_ih.detach().t().contiguous(), cell.weight_hh.detach().t().contiguous(),
-                 cell.bias_ih.detach() + (0 if self.cell == "gru" else cell.bias_hh.detach()))
+                (Gemm(cell.weight_ih.detach().t().contiguous(),
+                      cell.bias_ih.detach() + (0 if self.cell == "gru" else cell.bias_hh.detach()), backend),
+                 Gemm(cell.weight_hh.detach().t().contiguous(), torch.zeros_like(cell.bias_hh), backend))
                 for cell in cells[1:]
             ]
             gates = w_ih.size(0)
@@ -84,20 +173,34 @@ class FastDecoder:
                 parts_w.append(first.weight_hh.detach())
                 parts_b.append(torch.zeros(gates, dtype=w_ih.dtype, device=w_ih.device))
                 self.splits.append(gates)
-            self.h_weight = torch.cat(parts_w).t().contiguous() if parts_w else None
-            self.h_bias = torch.cat(parts_b) if parts_b else None
-            self.w_hh0 = None if self.fused_hh else first.weight_hh.detach().t().contiguous()
+            self.h_gemm = Gemm(torch.cat(parts_w).t().contiguous(), torch.cat(parts_b), backend) if parts_w else None
+            self.hh0_gemm = None if self.fused_hh else Gemm(
+                first.weight_hh.detach().t().contiguous(), torch.zeros_like(first.bias_hh), backend
+            )
             if decoder.attention is not None:
+                key = decoder.attention.key  # doubled, for sigmoid(2x); x2 is exact, so the keys are exactly 2x
+                self.key_gemm = Gemm(2 * key.weight.detach().t().contiguous(), 2 * key.bias.detach(), backend)
                 self.score_weight = 2 * decoder.attention.score.weight.detach().view(-1)  # (A,), doubled
-            self.classifier_weight = decoder.classifier.weight.detach().t().contiguous()
-            self.classifier_bias = decoder.classifier.bias.detach()
+            self.classifier_gemm = Gemm(
+                decoder.classifier.weight.detach().t().contiguous(), decoder.classifier.bias.detach(), backend
+            )
 
     def memory_and_state(self, grid: Tensor) -> tuple[Memory, State]:
-        """The decoder's own ``memory_and_state``, with the attention keys doubled (for sigmoid(2x))."""
-        memory, state = self._decoder().memory_and_state(grid)
-        if memory:
-            memory = (memory[0], 2 * memory[1])
-        return memory, state
+        """The decoder's own ``memory_and_state``, with the attention keys doubled (for sigmoid(2x)).
+
+        The keys, one row per grid cell and the largest product outside the steps, go through :class:`Gemm`; the
+        rest is ``CaptionDecoder.memory_and_state`` line for line.
+        """
+        decoder = self._decoder()
+        if decoder.attention is None:
+            return decoder.memory_and_state(grid)
+        features = grid.flatten(2).transpose(1, 2)  # (batch, N, C)
+        pooled = features.mean(dim=1)
+        batch, layers, hidden = features.size(0), self.config.num_layers, self.config.hidden_dim
+        h = torch.tanh(decoder.init_h(pooled)).view(batch, layers, hidden)
+        state: State = (h, torch.tanh(decoder.init_c(pooled)).view(batch, layers, hidden)) if decoder.is_lstm else (h,)
+        keys = self.key_gemm(features.reshape(-1, features.size(2))).view(batch, features.size(1), -1)
+        return (features, keys), state
 
     def _attend(self, features: Tensor, keys: Tensor, query: Tensor) -> Tensor:
         """Context (B * G, C) for doubled queries (B * G, A) over ``features`` (B, N, C) and doubled ``keys``."""
@@ -139,8 +242,8 @@ class FastDecoder:
         classifier; their logits come back as zeros and their state unchanged.
         """
         fused: tuple[Tensor, ...] = ()
-        if self.h_weight is not None:  # [query | beta | layer-0 recurrent gates] from the top layer's h
-            fused = torch.addmm(self.h_bias, state[0][:, -1], self.h_weight).split(self.splits, dim=1)
+        if self.h_gemm is not None:  # [query | beta | layer-0 recurrent gates] from the top layer's h
+            fused = self.h_gemm(state[0][:, -1]).split(self.splits, dim=1)
         context = None
         if self.config.conditioning == "attention":
             context = self._attend(memory[0], memory[1], fused[0])
@@ -162,30 +265,31 @@ class FastDecoder:
         h_prev = state[0]
         gates = self.word_gates[tokens]  # (batch, gates): the word's share of the first cell's input gates
         if context is not None:
-            gates = torch.addmm(gates, torch.sigmoid(fused[1]).mul_(context), self.context_weight)
-        hh0 = fused[-1] if self.fused_hh else h_prev[:, 0] @ self.w_hh0
+            gates = self.context_gemm(torch.sigmoid(fused[1]).mul_(context), gates)
+        hh0 = fused[-1] if self.fused_hh else self.hh0_gemm(h_prev[:, 0])
         new_h, new_c = [], []
         out = self._cell(gates, hh0, h_prev[:, 0], state[1][:, 0] if self.cell == "lstm" else None, 0)
         for layer in range(self.layers):
             if layer > 0:
-                w_ih, w_hh, bias = self.upper[layer - 1]
-                x = new_h[-1]
+                ih_gemm, hh_gemm = self.upper[layer - 1]
                 h = h_prev[:, layer]
-                out = self._cell(torch.addmm(bias, x, w_ih), h @ w_hh, h,
+                out = self._cell(ih_gemm(new_h[-1]), hh_gemm(h), h,
                                  state[1][:, layer] if self.cell == "lstm" else None, layer)
             new_h.append(out[0])
             if self.cell == "lstm":
                 new_c.append(out[1])
         h_stack = torch.stack(new_h, dim=1)
         new_state: State = (h_stack, torch.stack(new_c, dim=1)) if self.cell == "lstm" else (h_stack,)
-        return torch.addmm(self.classifier_bias, new_h[-1], self.classifier_weight), new_state
+        return self.classifier_gemm(new_h[-1]), new_state
 
 
 _CACHE: weakref.WeakKeyDictionary[CaptionDecoder, tuple[tuple, FastDecoder]] = weakref.WeakKeyDictionary()
 
 
-def fast_decoder(decoder: CaptionDecoder) -> FastDecoder | CaptionDecoder:
+def fast_decoder(decoder: CaptionDecoder, gemm: str = "auto") -> FastDecoder | CaptionDecoder:
     """The :class:`FastDecoder` of ``decoder`` (built once per set of weights), or ``decoder`` itself in train mode.
+
+    ``gemm`` picks who multiplies the matrices (:data:`GEMM_BACKENDS`, see :class:`Gemm`).
 
     The cache key is every parameter's storage, version counter, dtype and device, so an optimizer step, a
     ``load_state_dict`` or a ``.to()`` rebuilds the tables instead of serving stale ones. Weights that are
@@ -195,11 +299,11 @@ def fast_decoder(decoder: CaptionDecoder) -> FastDecoder | CaptionDecoder:
         return decoder
     if any(p.is_inference() for p in decoder.parameters()):
         # Weights created under inference_mode have no version counter to key a cache on: build afresh.
-        return FastDecoder(decoder)
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in decoder.parameters())
+        return FastDecoder(decoder, gemm)
+    key = (gemm, *((p.data_ptr(), p._version, p.dtype, p.device) for p in decoder.parameters()))
     cached = _CACHE.get(decoder)
     if cached is not None and cached[0] == key:
         return cached[1]
-    fast = FastDecoder(decoder)
+    fast = FastDecoder(decoder, gemm)
     _CACHE[decoder] = (key, fast)
     return fast

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import itertools
 import weakref
 
@@ -12,10 +13,13 @@ from conftest import tiny_model
 
 import captioner.fast_decoder as fast_module
 from captioner.decoding import DecodingOptions, _decode_group, decode
-from captioner.fast_decoder import FastDecoder, fast_decoder
+from captioner.fast_decoder import FastDecoder, Gemm, fast_decoder, resolve_gemm_backend
 from captioner.model import CaptionDecoder, DecoderConfig
 
 CONFIGS = list(itertools.product(("lstm", "gru", "rnn"), ("init", "attention"), (1, 2)))
+HAS_ONNXRUNTIME = all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+GEMMS = ["torch", pytest.param("onnxruntime", marks=pytest.mark.skipif(not HAS_ONNXRUNTIME,
+                                                                      reason="onnxruntime is not installed"))]
 
 
 def small_decoder(cell: str, conditioning: str, layers: int, seed: int = 0) -> CaptionDecoder:
@@ -27,17 +31,25 @@ def small_decoder(cell: str, conditioning: str, layers: int, seed: int = 0) -> C
 
 @pytest.mark.parametrize(("cell", "conditioning", "layers"), CONFIGS, ids=["-".join(map(str, c)) for c in CONFIGS])
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 1], ids=["one-chunk", "chunk-per-image"])
+@pytest.mark.parametrize("gemm", GEMMS)
 def test_fast_step_equals_the_reference_step(
-    cell: str, conditioning: str, layers: int, chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+    cell: str, conditioning: str, layers: int, chunk_bytes: int, gemm: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Several steps of 3 images x 2 beams: logits and every state tensor agree within 1e-5."""
+    """Several steps of 3 images x 2 beams: logits and every state tensor agree within 1e-5, with either backend
+    of the matrix products."""
     monkeypatch.setattr(fast_module, "ATTENTION_CHUNK_BYTES", chunk_bytes)
     decoder = small_decoder(cell, conditioning, layers)
-    fast = FastDecoder(decoder)
+    fast = FastDecoder(decoder, gemm)
+    assert fast.gemm == gemm
     grid = torch.randn(3, 24, 2, 2, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         memory, state = decoder.memory_and_state(grid)
         fast_memory, fast_state = fast.memory_and_state(grid)
+        for ours, theirs in zip(fast_state, state, strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+        if conditioning == "attention":  # the keys come doubled (for sigmoid(2x)), the features as they are
+            assert torch.equal(fast_memory[0], memory[0])
+            torch.testing.assert_close(fast_memory[1], 2 * memory[1], atol=1e-5, rtol=0)
         state = fast_state = tuple(s.repeat_interleave(2, dim=0) for s in state)
         tokens = torch.randint(0, 40, (6,), generator=torch.Generator().manual_seed(2))
         for _ in range(4):
@@ -133,3 +145,77 @@ def test_the_cache_does_not_keep_decoders_alive() -> None:
     del decoder
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+@pytest.mark.parametrize("rows", [0, 1, 7])
+def test_gemm_is_the_matrix_product(gemm: str, rows: int) -> None:
+    """``Gemm`` adds its bias, or the addend given with the call, to ``x @ weight``, on every backend."""
+    generator = torch.Generator().manual_seed(6)
+    weight, bias = torch.randn(24, 10, generator=generator), torch.randn(10, generator=generator)
+    x, addend = torch.randn(rows, 24, generator=generator), torch.randn(rows, 10, generator=generator)
+    with torch.inference_mode():
+        with_bias = Gemm(weight, bias, gemm)(x)
+        with_addend = Gemm(weight, None, gemm)(x.t().contiguous().t(), addend)  # non-contiguous input too
+    torch.testing.assert_close(with_bias, x @ weight + bias, atol=1e-5, rtol=0)
+    torch.testing.assert_close(with_addend, x @ weight + addend, atol=1e-5, rtol=0)
+    assert with_bias.shape == with_addend.shape == (rows, 10)
+
+
+def test_gemm_backend_choice() -> None:
+    """"auto" is ONNX Runtime for float32 on CPU where it is installed, torch otherwise; unknown or impossible
+    choices raise."""
+    cpu = torch.device("cpu")
+    assert resolve_gemm_backend("auto", cpu) == ("onnxruntime" if HAS_ONNXRUNTIME else "torch")
+    assert resolve_gemm_backend("auto", torch.device("cuda")) == "torch"
+    assert resolve_gemm_backend("torch", cpu) == "torch"
+    with pytest.raises(ValueError, match="unknown matrix-product backend 'mkl'"):
+        resolve_gemm_backend("mkl", cpu)
+    assert resolve_gemm_backend("auto", cpu, torch.float64) == "torch"
+    with pytest.raises(ValueError, match="float32 weights on the CPU, not torch.float32 on cuda"):
+        resolve_gemm_backend("onnxruntime", torch.device("cuda"))
+    with pytest.raises(ValueError, match="float32 weights on the CPU, not torch.float64 on cpu"):
+        resolve_gemm_backend("onnxruntime", cpu, torch.float64)
+    decoder = small_decoder("lstm", "attention", 1)
+    assert fast_decoder(decoder, "torch").gemm == "torch"
+    assert fast_decoder(decoder, "torch") is not fast_decoder(decoder)  # the cache tells the backends apart
+
+
+def varied_lengths_decoder() -> tuple[CaptionDecoder, object]:
+    """The tiny model's decoder with sharpened distributions and a bias towards ``<end>``: captions of varied
+    lengths, beams that end early and images that settle at different steps."""
+    model = tiny_model(conditioning="attention", cell="lstm", seed=7)
+    with torch.no_grad():
+        model.decoder.classifier.weight.mul_(5.0)
+        model.decoder.classifier.bias[model.vocab.end] += 2.5
+    return model.decoder, model.vocab
+
+
+SEARCHES = [
+    *(dict(strategy="beam", beam_size=4, num_captions=4, length_penalty=penalty, no_repeat_ngram_size=ngram)
+      for penalty in (0.0, 1.0, 2.0) for ngram in (0, 3)),
+    dict(strategy="greedy", beam_size=1, length_penalty=1.0, no_repeat_ngram_size=0),
+    dict(strategy="greedy", beam_size=1, length_penalty=0.0, no_repeat_ngram_size=2),
+]
+
+
+@pytest.mark.parametrize("images", [1, 9])
+@pytest.mark.parametrize("search", SEARCHES, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_fast_decode_writes_the_plain_captions(search: dict, images: int) -> None:
+    """decode() (the fast path) and the same search stepping ``CaptionDecoder.step`` write the same captions with
+    the same log-probabilities and scores: beam (penalties 0, 1, 2; trigram blocking on and off) and greedy, one
+    image or many whose captions end at different steps."""
+    decoder, vocab = varied_lengths_decoder()
+    grid = torch.randn(images, 1280, 2, 2, generator=torch.Generator().manual_seed(8)) * 3.0
+    options = DecodingOptions(max_length=10, **search)
+    fast = decode(decoder, grid, vocab, options)
+    with torch.inference_mode():
+        plain = _decode_group(decoder, grid, vocab, options)
+    assert [[h.tokens for h in hs] for hs in fast] == [[h.tokens for h in hs] for hs in plain]
+    for ours, theirs in zip(fast, plain, strict=True):
+        assert len(ours) == options.num_captions
+        assert [h.log_prob for h in ours] == pytest.approx([h.log_prob for h in theirs], abs=1e-4)
+        assert [h.score for h in ours] == pytest.approx([h.score for h in theirs], abs=1e-4)
+    if images > 1:  # the case is the one described: captions of several lengths, some ending before the limit
+        lengths = {len(hs[0].tokens) for hs in fast}
+        assert len(lengths) > 1 and min(lengths) < options.max_length
