@@ -26,6 +26,7 @@ import copy
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -96,25 +97,20 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()}, load average {load:.2f}; fastest of {args.repeats}")
     same = all(results[k, n] == results[k, 1] for k in kinds for n in args.members)
     print(f"  ensembles of copies give the single decoder's captions: {same}")
-    print("  wall time:")
-    for kind in kinds:
-        base = min(times[kind, 1])
-        cells = []
-        for n in variants:
-            seconds = min(times[kind, n])
-            ratio = "" if n == 1 else f", {seconds / base:.2f}x the time"
-            cells.append(f"{n} decoder{'s' if n > 1 else ''} {args.images / seconds:6.1f} img/s{ratio}")
-        print(f"    {kind:<12}: " + " | ".join(cells))
-    print("  CPU time of the process:")
-    for kind in kinds:
-        base = min(cpu_times[kind, 1])
-        cells = []
-        for n in variants:
-            seconds = min(cpu_times[kind, n])
-            ratio = "" if n == 1 else f", {seconds / base:.2f}x"
-            cells.append(f"{n} decoder{'s' if n > 1 else ''} {1000 * seconds / args.images:6.1f} ms/img{ratio}")
-        print(f"    {kind:<12}: " + " | ".join(cells))
+    def show(title: str, table: dict, cell: Callable[[float], str]) -> None:
+        """One line per kind: each variant's fastest repeat through ``cell``, and its ratio to the single decoder."""
+        print(f"  {title}:")
+        for kind in kinds:
+            base = min(table[kind, 1])
+            cells = []
+            for n in variants:
+                seconds = min(table[kind, n])
+                ratio = "" if n == 1 else f", {seconds / base:.2f}x the time"
+                cells.append(f"{n} decoder{'s' if n > 1 else ''} {cell(seconds)}{ratio}")
+            print(f"    {kind:<12}: " + " | ".join(cells))
 
+    show("wall time", times, lambda seconds: f"{args.images / seconds:6.1f} img/s")
+    show("CPU time of the process", cpu_times, lambda seconds: f"{1000 * seconds / args.images:6.1f} ms/img")
 
 if __name__ == "__main__":
     main()
