@@ -9,6 +9,7 @@
 #   JOBS=1 bash scripts/mutation.sh              # one test process at a time (default: 2)
 #   PYTHON=/path/to/venv/bin/python bash scripts/mutation.sh
 #   KEEP=1 bash scripts/mutation.sh              # keep mutants/: only mutants whose function changed are re-run
+#   bash scripts/mutation.sh 'captioner.batch.records.*'   # only the mutants whose names match (mutmut run NAMES)
 #
 # Modules: captioner/decoding.py, captioner/preprocess.py, captioner/batch/records.py, captioner/batch/resume.py,
 # service/microbatch.py; the tests and all settings are [tool.mutmut] in pyproject.toml. Work files go to mutants/
@@ -35,7 +36,7 @@ trap 'kill "$sampler" 2>/dev/null || true' EXIT
 start=$(date +%s)
 # mutmut puts mutants/ first on the import path; PYTHONPATH must not put the unmutated checkout before it.
 status=0
-env -u PYTHONPATH "$MUTMUT" run --max-children "${JOBS:-2}" > mutants/run.log 2>&1 || status=$?
+env -u PYTHONPATH "$MUTMUT" run --max-children "${JOBS:-2}" "$@" > mutants/run.log 2>&1 || status=$?
 seconds=$(( $(date +%s) - start ))
 kill "$sampler" 2>/dev/null || true
 # CPU seconds of mutmut and every test process it forked (bash's `times`: user and system time of finished children).

@@ -9,6 +9,7 @@ time out).
 """
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ cpu_seconds = int(sys.argv[2]) if len(sys.argv) > 2 else 0
 load_file = Path(sys.argv[3]) if len(sys.argv) > 3 else None
 lines = [line.strip() for line in Path("mutants/results.txt").read_text().splitlines() if line.strip()]
 status = dict(line.rsplit(": ", 1) for line in lines)
-equivalent = set(re.findall(r"^- `([^`]+)`", Path("scripts/mutation_equivalent.md").read_text(), re.M))
+listed = Path("scripts/mutation_equivalent.md").read_text()
+equivalent = set(re.findall(r"^- `([^`]+)`", listed, re.M))
+gpu_only = set(re.findall(r"^- `([^`]+)`: \*\*GPU only\*\*", listed, re.M))  # equivalent on a CPU-only machine
 counts = {}  # every mutant generated -> its exit code
 for meta in Path("mutants").rglob("*.py.meta"):
     for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
@@ -36,6 +39,7 @@ print(f"\nmutants: {total}; not killed: {len(status)} ({len(undetected)} survive
 for name in timeouts:
     print(f"    timed out: {name}")
 print(f"equivalent (scripts/mutation_equivalent.md): {len(equivalent & set(counts))}"
+      f" (of which {len(gpu_only & set(counts))} observable only on a GPU)"
       + (f"; listed but not generated: {sorted(equivalent - set(counts))}" if equivalent - set(counts) else ""))
 print("surviving non-equivalent mutants:" if survivors else "no surviving non-equivalent mutants")
 for name in survivors:
@@ -46,6 +50,8 @@ if seconds:
     checked = total - sum(s == "not checked" for s in other.values())
     loads = [float(x) for x in load_file.read_text().split()] if load_file and load_file.exists() else []
     load = f"; load average {min(loads):.1f}-{max(loads):.1f} (mean {sum(loads) / len(loads):.1f})" if loads else ""
-    print(f"time: {seconds // 60} min {seconds % 60} s wall, {cpu_seconds // 60} min {cpu_seconds % 60} s CPU "
-          f"({checked} mutants checked: {seconds / max(checked, 1):.2f} s wall and "
-          f"{cpu_seconds / max(checked, 1):.2f} s CPU each){load}")
+    each = ("" if os.environ.get("KEEP") else  # with KEEP=1 some verdicts come from earlier runs
+            f" ({checked} mutants checked: {seconds / max(checked, 1):.2f} s wall and "
+            f"{cpu_seconds / max(checked, 1):.2f} s CPU each)")
+    print(f"time: {seconds // 60} min {seconds % 60} s wall, {cpu_seconds // 60} min {cpu_seconds % 60} s CPU"
+          f"{each}{load}")
