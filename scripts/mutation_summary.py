@@ -31,7 +31,9 @@ undetected = {n for n, s in status.items() if s in ("survived", "no tests")}
 timeouts = sorted(n for n, s in status.items() if s == "timeout")
 other = {n: s for n, s in status.items() if s not in ("survived", "no tests", "timeout")}
 survivors = sorted(undetected - equivalent)
-considered = total - len(equivalent & set(counts)) - len(other)
+# Mutants with a verdict (killed, timed out, survived, untested), less the equivalent ones.
+checked = {n for n, code in counts.items() if code is not None and n not in other}
+considered = len(checked - equivalent)
 others = sorted(set(other.values()))
 print(f"\nmutants: {total}; not killed: {len(status)} ({len(undetected)} survived or untested, "
       f"{len(timeouts)} timed out (counted as killed)"
@@ -39,7 +41,7 @@ print(f"\nmutants: {total}; not killed: {len(status)} ({len(undetected)} survive
 for name in timeouts:
     print(f"    timed out: {name}")
 print(f"equivalent (scripts/mutation_equivalent.md): {len(equivalent & set(counts))}"
-      f" (of which {len(gpu_only & set(counts))} observable only on a GPU)"
+      f" (of which {len(gpu_only & set(counts))} observable only on a GPU), {len(equivalent & checked)} of them checked"
       + (f"; listed but not generated: {sorted(equivalent - set(counts))}" if equivalent - set(counts) else ""))
 print("surviving non-equivalent mutants:" if survivors else "no surviving non-equivalent mutants")
 for name in survivors:
@@ -47,11 +49,10 @@ for name in survivors:
 print(f"survival rate: {len(survivors)}/{considered} = {100 * len(survivors) / max(considered, 1):.1f}% "
       "of the non-equivalent mutants checked survived")
 if seconds:
-    checked = total - sum(s == "not checked" for s in other.values())
     loads = [float(x) for x in load_file.read_text().split()] if load_file and load_file.exists() else []
     load = f"; load average {min(loads):.1f}-{max(loads):.1f} (mean {sum(loads) / len(loads):.1f})" if loads else ""
     each = ("" if os.environ.get("KEEP") else  # with KEEP=1 some verdicts come from earlier runs
-            f" ({checked} mutants checked: {seconds / max(checked, 1):.2f} s wall and "
-            f"{cpu_seconds / max(checked, 1):.2f} s CPU each)")
+            f" ({len(checked)} mutants checked: {seconds / max(len(checked), 1):.2f} s wall and "
+            f"{cpu_seconds / max(len(checked), 1):.2f} s CPU each)")
     print(f"time: {seconds // 60} min {seconds % 60} s wall, {cpu_seconds // 60} min {cpu_seconds % 60} s CPU"
           f"{each}{load}")
