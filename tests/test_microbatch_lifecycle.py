@@ -239,3 +239,20 @@ def test_close_finishes_queued_work_then_refuses_more() -> None:
     assert not batcher._thread.is_alive()
     with pytest.raises(RuntimeError, match="^the batcher is closed$"):
         batcher.submit(image(9), GREEDY)
+
+
+def test_queue_time_is_milliseconds_from_submit_to_the_batch_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``queue_ms`` is (batch start - submit) in milliseconds: with the batcher's clock 1000 s ahead of the one that
+    stamps submissions, it reads 1,000,000 ms plus the real wait, not a scaled value."""
+    import service.microbatch as microbatch
+
+    real = time.perf_counter
+    monkeypatch.setattr(microbatch, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: real() + 1000)}))
+    batcher = MicroBatcher(StandIn(), max_size=8, max_wait_ms=0)
+    try:
+        before = real()
+        result = batcher.submit(image(1), GREEDY).result(10)
+        waited_ms = (real() - before) * 1000
+    finally:
+        batcher.close()
+    assert 1_000_000 <= result.queue_ms <= 1_000_000 + waited_ms
