@@ -424,3 +424,32 @@ def test_to_tensor_is_exactly_resize_crop_and_normalise(interpolation: str, widt
         expected = (np.asarray(resized, dtype=np.float64) / 255.0 - mean) / std
         got = to_tensor(image, config).permute(1, 2, 0).numpy()
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"{resize} {interpolation} {width}x{height}")
+
+
+@pytest.mark.parametrize(("mode", "values", "expected"), [
+    ("I;16", [0, 257, 25700, 65535], [0, 1, 100, 255]),  # 16-bit: always scaled by 1/257
+    ("I;16", [0, 100, 200, 255], [0, 0, 0, 0]),  # even a dark 16-bit image (all values <= 255), truncated
+    ("I", [0, 257, 25700, 65535], [0, 1, 100, 255]),  # 32-bit with 16-bit values: scaled
+    ("I", [0, 100, 200, 255], [0, 100, 200, 255]),  # 32-bit with 8-bit values: kept
+    ("F", [-5.0, 0.0, 127.0, 300.0], [0, 0, 127, 255]),  # clipped to 0..255
+])
+def test_high_bit_depth_gray_becomes_8_bit_gray_rgb(mode: str, values: list[float], expected: list[int]) -> None:
+    from captioner.preprocess import _to_rgb
+
+    image = Image.new(mode, (4, 1))
+    image.putdata(values)
+    rgb = _to_rgb(image)
+    assert rgb.mode == "RGB"
+    assert [pixel[0] for pixel in rgb.getdata()] == expected
+    assert all(r == g == b for r, g, b in rgb.getdata())
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBa"])
+def test_every_mode_with_alpha_is_composited_on_white(mode: str) -> None:
+    from captioner.preprocess import _to_rgb
+
+    rgba = Image.new("RGBA", (2, 1))
+    rgba.putdata([(0, 0, 0, 0), (0, 0, 0, 255)])  # transparent black, opaque black
+    image = rgba.convert(mode)
+    assert image.mode == mode
+    assert list(_to_rgb(image).getdata()) == [(255, 255, 255), (0, 0, 0)]
