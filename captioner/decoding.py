@@ -240,8 +240,8 @@ def ban_tokens(logp: Tensor, words: Tensor, step: int, vocab: Vocabulary, option
             if n > 1
             else torch.ones_like(windows[..., 0], dtype=torch.bool)
         )
-        blocked = torch.zeros_like(logp).scatter_reduce_(1, windows[:, :, -1], seen.float(), reduce="amax")
-        logp = logp.masked_fill(blocked.bool(), -torch.inf)
+        rows, starts = seen.nonzero(as_tuple=True)  # each n-gram whose first n-1 words end the row...
+        logp[rows, windows[rows, starts, -1]] = -torch.inf  # ...bans its last word
     if step == options.max_length:
         end = logp[:, vocab.end].clone()
         logp.fill_(-torch.inf)
@@ -253,12 +253,12 @@ def _greedy(
     decoder: Stepper, memory: Memory, state: State, vocab: Vocabulary, options: DecodingOptions
 ) -> list[Hypothesis]:
     batch = state[0].size(0)
-    device = state[0].device
-    tokens = torch.full((batch,), vocab.start, dtype=torch.long, device=device)
-    words = torch.empty((batch, 0), dtype=torch.long, device=device)
-    log_prob = torch.zeros(batch, device=device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    like = state[0]  # new tensors go on its device (new_full and friends)
+    tokens = like.new_full((batch,), vocab.start, dtype=torch.long)
+    words = like.new_empty((batch, 0), dtype=torch.long)
+    log_prob = like.new_zeros(batch, dtype=torch.float)
+    lengths = like.new_zeros(batch, dtype=torch.long)
+    finished = like.new_zeros(batch, dtype=torch.bool)
     for step in range(options.max_length + 1):
         logits, state, _ = decoder.step(tokens, state, memory)
         logp = _log_probs(logits, words, step, vocab, options)
@@ -281,11 +281,11 @@ def _beam_search(
     decoder: Stepper, memory: Memory, state: State, vocab: Vocabulary, options: DecodingOptions
 ) -> list[list[Hypothesis]]:
     batch, k = state[0].size(0), options.beam_size
-    device = state[0].device
+    like = state[0]  # new tensors go on its device (new_full and friends)
     # The first step runs once per image: all K beams would start from the same state, so its K best words
     # start the K beams. From then on row b * K + j is beam j of image b; the memory stays one row per image.
-    logits, state, _ = decoder.step(torch.full((batch,), vocab.start, dtype=torch.long, device=device), state, memory)
-    logp = _log_probs(logits, torch.empty((batch, 0), dtype=torch.long, device=device), 0, vocab, options)
+    logits, state, _ = decoder.step(like.new_full((batch,), vocab.start, dtype=torch.long), state, memory)
+    logp = _log_probs(logits, like.new_empty((batch, 0), dtype=torch.long), 0, vocab, options)
     log_prob, tokens = logp.topk(min(k, logp.size(1)), dim=1)  # (batch, K) each, best first
     if tokens.size(1) < k:  # a beam wider than the vocabulary: the extra beams start dead
         log_prob = torch.nn.functional.pad(log_prob, (0, k - tokens.size(1)), value=-torch.inf)
@@ -293,9 +293,9 @@ def _beam_search(
     log_prob, tokens = log_prob.reshape(-1), tokens.reshape(-1)
     state = tuple(s.repeat_interleave(k, dim=0) for s in state)
     words = tokens.unsqueeze(1)
-    lengths = torch.ones(batch * k, dtype=torch.long, device=device)
+    lengths = like.new_ones(batch * k, dtype=torch.long)
     finished = tokens == vocab.end  # never at step 0 (an empty caption is not allowed), kept for clarity
-    images = torch.arange(batch, device=device)  # the input image of each image still in the batch
+    images = torch.arange(batch, device=like.device)  # the input image of each image still in the batch
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     for step in range(1, options.max_length + 1):
         # A finished beam's logits are never read (below): the fast path skips its rows.
@@ -303,14 +303,14 @@ def _beam_search(
         logits, state, _ = decoder.step(tokens, state, memory, **live)
         logp = _log_probs(logits, words, step, vocab, options)
         # A finished beam continues only with <pad>, at no cost, so it keeps its place and score.
-        logp[finished] = -torch.inf
-        logp[finished, vocab.pad] = 0.0
+        logp.masked_fill_(finished.unsqueeze(1), -torch.inf)
+        logp[:, vocab.pad].masked_fill_(finished, 0.0)
         candidates = log_prob.unsqueeze(1) + logp  # (images * K, vocab)
         new_lengths = lengths + (~finished).long()
         ranking = candidates / _length_norm(new_lengths, options.length_penalty).unsqueeze(1)
         vocab_size = ranking.size(1)
         _, best = ranking.view(-1, k * vocab_size).topk(k, dim=1)  # (images, K)
-        offsets = (torch.arange(best.size(0), device=device) * k).unsqueeze(1)
+        offsets = (torch.arange(best.size(0), device=like.device) * k).unsqueeze(1)
         source = (offsets + best // vocab_size).view(-1)  # which row each new beam extends
         tokens = (best % vocab_size).view(-1)
         log_prob = candidates.view(-1, k * vocab_size).gather(1, best).view(-1)
@@ -324,10 +324,10 @@ def _beam_search(
             # rows leave the batch, so the remaining steps only pay for the images still searching.
             rows = settled.repeat_interleave(k)
             _read_out(results, images[settled], words[rows], log_prob[rows], lengths[rows], vocab, options)
-            keep, rows = ~settled, ~rows
-            images, memory = images[keep], tuple(m[keep] for m in memory)
+            keep, rows = (~settled).nonzero().squeeze(1), (~rows).nonzero().squeeze(1)
+            images, memory = images[keep], tuple(m.index_select(0, keep) for m in memory)
             tokens, log_prob, lengths, finished = tokens[rows], log_prob[rows], lengths[rows], finished[rows]
-            words, state = words[rows], tuple(s[rows] for s in state)
+            words, state = words[rows], tuple(s.index_select(0, rows) for s in state)
             if images.numel() == 0:
                 break
     _read_out(results, images, words, log_prob, lengths, vocab, options)  # those stopped by max_length
