@@ -271,20 +271,20 @@ def test_micro_batcher_groups_concurrent_requests(captioner: Captioner) -> None:
         with batcher.expecting(4) as ticket:  # four images announced: the batch waits for all of them
 
             def submit(i: int) -> None:
-                results[i] = batcher.submit(tensors[i], options[i], ticket).result(30)
+                results[i] = batcher.submit(tensors[i], options[i], ticket).result(10)
 
             threads = [threading.Thread(target=submit, args=(i,)) for i in range(4)]
             for thread in threads:
                 thread.start()
             for thread in threads:
-                thread.join(30)
+                thread.join(10)
         assert sizes == [4]
         for tensor, opts, result in zip(tensors, options, results, strict=True):
             assert result.batch_size == 4
             assert [c.text for c in result.captions] == [
                 c.text for c in captioner.caption_tensors(tensor.unsqueeze(0), opts)[0]]
         # A lone request is not held back waiting for company.
-        single = batcher.submit(tensors[0], options[0]).result(30)
+        single = batcher.submit(tensors[0], options[0]).result(10)
         assert single.batch_size == 1 and single.queue_ms < 1000
     finally:
         batcher.close()
@@ -296,12 +296,12 @@ def test_micro_batcher_respects_max_size_and_survives_errors(captioner: Captione
     try:
         with batcher.expecting(5) as ticket:
             futures = [batcher.submit(t, captioner.options(strategy="greedy"), ticket) for t in _tensors(captioner, 5)]
-        assert all(f.result(30).captions for f in futures)
+        assert all(f.result(10).captions for f in futures)
         assert max(sizes) == 2 and sum(sizes) == 5
         bad = batcher.submit(torch.zeros(1, 2, 3), captioner.options())  # wrong shape: the model raises
         with pytest.raises(RuntimeError):
-            bad.result(30)
-        assert batcher.submit(_tensors(captioner, 1)[0], captioner.options()).result(30).captions
+            bad.result(10)
+        assert batcher.submit(_tensors(captioner, 1)[0], captioner.options()).result(10).captions
     finally:
         batcher.close()
 

@@ -89,7 +89,7 @@ def _run_in_one_batch(captioner: Captioner, tensors: list[torch.Tensor], options
     try:
         with batcher.expecting(len(tensors)) as ticket:  # the batch waits for every announced image
             futures = [batcher.submit(t, o, ticket) for t, o in zip(tensors, options, strict=True)]
-        results = [f.result(60) for f in futures]
+        results = [f.result(10) for f in futures]
     finally:
         batcher.close()
     assert sizes == [len(tensors)]  # really one model batch
@@ -142,7 +142,7 @@ def test_concurrent_requests_with_equal_and_different_options(app: Flask, captio
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(60)
+        thread.join(10)
     for i, response in enumerate(answers):
         assert response.status_code == 200, response.json
         key, value = queries[i].split("=")
