@@ -2,8 +2,9 @@
 
 For each installed runtime (``--runtimes``), the bundled model (or ``--model``) captions every image of a COCO-format
 split with its default decoding, through ``training.evaluation.evaluate_model`` (the ``captioner evaluate`` path).
-It prints each runtime's scores and images/s, and how many captions differ from the first runtime's (the
-reference, torch). The issue's targets: at most 0.5% of captions differ, CIDEr within 0.2.
+It prints each runtime's scores and images/s (and its ratio to the first runtime's, measured in the same run), and
+how many captions differ from the first runtime's (the reference, torch). The issue's targets: at most 0.5% of
+captions differ, CIDEr within 0.2.
 
     captioner prepare flickr8k --root ../shared/data/flickr8k --out /tmp/f8k
     .venv/bin/python benchmarks/runtime_captions.py --annotations /tmp/f8k/captions_test.json
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     options = reference.options()
     print(f"{len(dataset)} images from {args.annotations}; decoding {options}", flush=True)
     results: dict[str, dict[int, str]] = {}
+    rates: dict[str, float] = {}
     for name in args.runtimes:
         captioner = Captioner(reference.model, reference.device, runtime=name)
         start = time.perf_counter()
@@ -55,11 +57,12 @@ def main(argv: list[str] | None = None) -> None:
         )  # fmt: skip
         seconds = time.perf_counter() - start
         results[name] = predictions
+        rates[name] = len(predictions) / seconds
         first = results[args.runtimes[0]]
         differ = sum(predictions[i] != first[i] for i in first)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
         share = 100 * differ / len(first)
-        print(f"{name:<12} {len(predictions) / seconds:6.1f} img/s  {shown}  "
+        print(f"{name:<12} {rates[name]:6.1f} img/s ({rates[name] / rates[args.runtimes[0]]:.2f}x)  {shown}  "
               f"captions differing from {args.runtimes[0]}: {differ} of {len(first)} ({share:.1f}%)", flush=True)
 
 

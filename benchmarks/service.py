@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/service.py                       # the bundled model
     .venv/bin/python benchmarks/service.py --model path/to/model --requests 200 --concurrency 1,4,16
+    .venv/bin/python benchmarks/service.py --runtimes torch,auto --batching on --concurrency 1,16
+
+With several ``--runtimes`` (CAPTIONER_RUNTIME of the workers) it also prints each one's requests/s and p50 latency
+as a ratio to the first's, level by level, all measured in the same run.
 
 For each setting of CAPTIONER_BATCHING (on, then off) it starts gunicorn (``service/gunicorn.conf.py``, 1 worker by
 default), sends ``--requests`` caption requests at each concurrency level from that many client threads (each with
@@ -107,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="CAPTIONER_TORCH_THREADS of the workers and this process (default: cores / workers)")
     parser.add_argument("--single", type=int, default=20, help="sequential requests for the in-process comparison")
+    parser.add_argument("--runtimes", default="auto",
+                        help="comma-separated CAPTIONER_RUNTIME values, compared to the first (default: auto)")
+    parser.add_argument("--batching", default="on,off", help="CAPTIONER_BATCHING settings to run (default: on,off)")
     args = parser.parse_args(argv)
 
     model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
@@ -123,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {captioner.name} {captioner.version} ({model}), image {Path(args.image).name} ({len(image)} bytes), "
           f"{args.strategy} beam_size={args.beam_size}; gunicorn {args.workers} worker(s) x {args.threads} threads; "
           f"{args.requests} requests per level; torch threads per worker {torch.get_num_threads()}", flush=True)
-    print(f"{'batching':>8} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10} {'errors':>6}")
-    single_http: dict[str, float] = {}
+    runtimes = args.runtimes.split(",")
+    print(f"{'runtime':>11} {'batching':>8} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'mean batch':>10} {'errors':>6}")
+    single_http: dict[tuple[str, str], float] = {}
+    measured: dict[tuple[str, str, int], tuple[float, float]] = {}  # (runtime, batching, clients) -> req/s, p50
     env = {"CAPTIONER_TORCH_THREADS": str(args.torch_threads)} if args.torch_threads else {}
-    for batching in ("on", "off"):
+    for runtime, batching in ((r, b) for r in runtimes for b in args.batching.split(",")):
         with tempfile.TemporaryDirectory(prefix="captioner-bench-") as logs:
             server = GunicornServer(model, Path(logs), workers=args.workers, threads=args.threads,
-                                    env=env | {"CAPTIONER_BATCHING": batching})
+                                    env=env | {"CAPTIONER_BATCHING": batching, "CAPTIONER_RUNTIME": runtime})
             try:
                 server.wait_ready()
                 drive(server, path, body, content_type, 2, 4)  # warm-up: connections, allocator, caches
@@ -139,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
                     after = batch_totals(server)
                     batches = after[1] - before[1]
                     mean_batch = (after[0] - before[0]) / batches if batches else float("nan")
-                    print(f"{batching:>8} {clients:>7} {len(latencies) / seconds:>8.1f} "
+                    measured[runtime, batching, clients] = len(latencies) / seconds, percentile(latencies, 50)
+                    print(f"{runtime:>11} {batching:>8} {clients:>7} {len(latencies) / seconds:>8.1f} "
                           f"{percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f} "
                           f"{mean_batch:>10.2f} {failures:>6}", flush=True)
                 _, latencies, _ = drive(server, path, body, content_type, 1, args.single)
-                single_http[batching] = statistics.median(latencies)
+                single_http[runtime, batching] = statistics.median(latencies)
             finally:
                 server.stop()
 
@@ -155,8 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         captioner.caption(image, **options)
         in_process.append((time.perf_counter() - began) * 1000.0)
     median = statistics.median(in_process)
-    print(f"single request, median of {args.single}: in-process Captioner.caption {median:.1f} ms; "
-          + "; ".join(f"HTTP batching {k} {v:.1f} ms (+{v - median:.1f})" for k, v in single_http.items()))
+    print(f"single request, median of {args.single}: in-process Captioner.caption ({captioner.encode.name}) "
+          f"{median:.1f} ms; " + "; ".join(f"HTTP {r} batching {b} {v:.1f} ms (+{v - median:.1f})"
+                                           for (r, b), v in single_http.items()))
+    for runtime in runtimes[1:]:  # each runtime against the first, level by level
+        base = runtimes[0]
+        for (r, batching, clients), (rps, p50) in measured.items():
+            if r == runtime and (base, batching, clients) in measured:
+                base_rps, base_p50 = measured[base, batching, clients]
+                print(f"{runtime} / {base}, batching {batching}, {clients:>2} clients: "
+                      f"requests/s {rps / base_rps:.2f}x, p50 latency {p50 / base_p50:.2f}x")
     return 0
 
 
