@@ -132,7 +132,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P":
         # Palette images may carry transparency in their info; RGBA keeps it for the composite below.
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # ("F" Pillow clips and truncates the same way)
         array = np.asarray(image, dtype=np.float64)
         # 16-bit range -> 8-bit range: always for I;16 (even a dark image whose values are all <= 255), by value for I
         if image.mode.startswith("I;16") or (image.mode == "I" and array.max(initial=0) > 255):

@@ -429,6 +429,9 @@ def test_to_tensor_is_exactly_resize_crop_and_normalise(interpolation: str, widt
 @pytest.mark.parametrize(("mode", "values", "expected"), [
     ("I;16", [0, 257, 25700, 65535], [0, 1, 100, 255]),  # 16-bit: always scaled by 1/257
     ("I;16", [0, 100, 200, 255], [0, 0, 0, 0]),  # even a dark 16-bit image (all values <= 255), truncated
+    ("I;16B", [0, 257, 25700, 65535], [0, 1, 100, 255]),  # every 16-bit byte order (Pillow alone would clip)
+    ("I;16L", [0, 257, 25700, 65535], [0, 1, 100, 255]),
+    ("I;16N", [0, 257, 25700, 65535], [0, 1, 100, 255]),
     ("I", [0, 257, 25700, 65535], [0, 1, 100, 255]),  # 32-bit with 16-bit values: scaled
     ("I", [0, 100, 200, 255], [0, 100, 200, 255]),  # 32-bit with 8-bit values: kept
     ("F", [-5.0, 0.0, 127.0, 300.0], [0, 0, 127, 255]),  # clipped to 0..255
@@ -442,6 +445,18 @@ def test_high_bit_depth_gray_becomes_8_bit_gray_rgb(mode: str, values: list[floa
     assert rgb.mode == "RGB"
     assert [pixel[0] for pixel in rgb.getdata()] == expected
     assert all(r == g == b for r, g, b in rgb.getdata())
+
+
+@pytest.mark.parametrize("transparent", [False, True])
+def test_palette_image_becomes_its_colours(transparent: bool) -> None:
+    from captioner.preprocess import _to_rgb
+
+    image = Image.new("P", (2, 1))
+    image.putpalette([255, 0, 0, 0, 0, 255])
+    image.putdata([0, 1])
+    if transparent:
+        image.info["transparency"] = 0  # palette entry 0 (red) is transparent: white after compositing
+    assert list(_to_rgb(image).getdata()) == [(255, 255, 255) if transparent else (255, 0, 0), (0, 0, 255)]
 
 
 @pytest.mark.parametrize("mode", ["LA", "RGBa"])
