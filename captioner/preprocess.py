@@ -181,7 +181,7 @@ def read_image(
     try:
         if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
             width, height = height, width
-        if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr"):
+        if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):  # the modes Pillow opens JPEGs in
             image.draft("RGB" if image.mode != "L" else "L", (config.size, config.size))
         if getattr(image, "is_animated", False):
             image.seek(0)  # first frame of an animated GIF/PNG/WebP

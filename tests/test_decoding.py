@@ -165,6 +165,22 @@ def test_no_repeat_ngram(cell: str, conditioning: str, n: int, strategy: str) ->
             assert len(grams) == len(set(grams)), h.tokens
 
 
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_a_decoder_in_train_mode_decodes_like_in_eval_mode(strategy: str) -> None:
+    """Training's validation may decode its decoder in train mode (the plain step, no fast path); without dropout
+    it must give the eval mode's captions and scores."""
+    decoder, vocab = decoder_and_vocab("lstm", "attention")
+    options = DecodingOptions(strategy=strategy, beam_size=3, max_length=8)
+    evaluated = decode(decoder, grids(), vocab, options)
+    try:
+        trained = decode(decoder.train(), grids(), vocab, options)
+    finally:
+        decoder.eval()
+    for a, b in zip(evaluated, trained, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.log_prob for h in a] == pytest.approx([h.log_prob for h in b], abs=1e-4)
+
+
 def test_unblocked_decoders_do_repeat() -> None:
     """Without blocking the random decoders repeat words, so the blocking test above is not vacuous."""
     repeats = [

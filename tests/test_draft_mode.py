@@ -62,6 +62,13 @@ def test_grayscale_jpeg_is_drafted_too() -> None:
     assert image.image.size == (500, 375) and image.image.mode == "RGB"
 
 
+def test_cmyk_jpeg_is_drafted_too() -> None:
+    out = io.BytesIO()
+    Image.new("CMYK", (1000, 750), (10, 20, 30, 40)).save(out, "JPEG")
+    image = read_image(out.getvalue(), PreprocessConfig(size=224))
+    assert image.image.size == (500, 375) and image.image.mode == "RGB"
+
+
 def test_rotated_jpeg_is_drafted_then_turned_upright() -> None:
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = 6

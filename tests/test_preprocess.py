@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from captioner.errors import CorruptImageError, ImageError, ImageTooLargeError, NotAnImageError
 from captioner.preprocess import (
@@ -188,6 +189,50 @@ def test_not_an_image(data: bytes, tmp_path: Path) -> None:
     path.write_bytes(data)
     with pytest.raises(NotAnImageError):
         load_image(path)
+
+
+@pytest.mark.parametrize(("data", "error", "message"), [
+    (b"", NotAnImageError, "^not_an_image: empty file: zero bytes$"),
+    (b"x", NotAnImageError, "^not_an_image: not an image, or an image format Pillow cannot read$"),  # not empty
+    (b"hello, this is a caption\n", NotAnImageError, "^not_an_image: not an image, or an image format Pillow"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(8), CorruptImageError, "^corrupt_image: PNG data is truncated or corrupt$"),
+])
+def test_bad_input_error_names_the_problem(data: bytes, error: type, message: str, tmp_path: Path) -> None:
+    with pytest.raises(error, match=message):
+        load_image(data)
+    path = tmp_path / "file.jpg"
+    path.write_bytes(data)
+    with pytest.raises(error, match=message.replace("zero bytes", re.escape(str(path)))):
+        load_image(path)
+
+
+@pytest.mark.parametrize("size", [(0, 5), (5, 0), (0, 0)])
+def test_empty_image_is_corrupt(size: tuple[int, int]) -> None:
+    with pytest.raises(CorruptImageError, match=f"^corrupt_image: image has an empty size {size[0]}x{size[1]}$"):
+        load_image(Image.new("RGB", size))
+
+
+def test_truncated_and_undecodable_data_errors_name_the_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode(noise(64, 64), "PNG")
+    with pytest.raises(CorruptImageError, match="^corrupt_image: image data is truncated or corrupt: .+"):
+        load_image(data[: len(data) // 2])
+
+    def decoder_bug(image: Image.Image) -> Image.Image:
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", decoder_bug)
+    with pytest.raises(CorruptImageError, match="^corrupt_image: image data cannot be decoded: IndexError: list index out of range$"):
+        load_image(data)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"size": 15}, "^image size 15 is too small$"),
+    ({"resize": "stretch"}, "^unknown resize mode 'stretch' \\(expected 'squash' or 'crop'\\)$"),
+    ({"interpolation": "cubic"}, "^unknown interpolation 'cubic' \\(expected one of \\["),
+])
+def test_preprocess_config_errors_name_the_field(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PreprocessConfig(**fields)
 
 
 def test_missing_file(tmp_path: Path) -> None:
