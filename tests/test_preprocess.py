@@ -479,6 +479,9 @@ def test_to_tensor_is_exactly_resize_crop_and_normalise(interpolation: str, widt
     ("I;16N", [0, 257, 25700, 65535], [0, 1, 100, 255]),
     ("I", [0, 257, 25700, 65535], [0, 1, 100, 255]),  # 32-bit with 16-bit values: scaled
     ("I", [0, 100, 200, 255], [0, 100, 200, 255]),  # 32-bit with 8-bit values: kept
+    ("I", [0, 100, 200, 256], [0, 0, 0, 0]),  # one value over 255: the 16-bit range, scaled
+    ("I", [-5, 0, 100, 255], [0, 0, 100, 255]),  # negative: clipped to 0 (not wrapped around)
+    ("I", [0, 257, 65535, 70000], [0, 1, 255, 255]),  # over 16 bits: clipped to 255 (not wrapped around)
     ("F", [-5.0, 0.0, 127.0, 300.0], [0, 0, 127, 255]),  # clipped to 0..255
 ])
 def test_high_bit_depth_gray_becomes_8_bit_gray_rgb(mode: str, values: list[float], expected: list[int]) -> None:
