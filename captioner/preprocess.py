@@ -138,7 +138,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         if image.mode.startswith("I;16") or (image.mode == "I" and array.max(initial=0) > 255):
             array = array / 257.0
         image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):  # (no file opens as "La", which Pillow cannot convert)
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)

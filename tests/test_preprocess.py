@@ -206,6 +206,15 @@ def test_bad_input_error_names_the_problem(data: bytes, error: type, message: st
         load_image(path)
 
 
+def test_unreadable_header_error_names_the_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_open(fp: object) -> Image.Image:
+        raise SyntaxError("broken PNG file")
+
+    monkeypatch.setattr(Image, "open", broken_open)
+    with pytest.raises(CorruptImageError, match="^corrupt_image: cannot read image header: broken PNG file$"):
+        load_image(b"\x89PNG\r\n\x1a\n")
+
+
 @pytest.mark.parametrize("size", [(0, 5), (5, 0), (0, 0)])
 def test_empty_image_is_corrupt(size: tuple[int, int]) -> None:
     with pytest.raises(CorruptImageError, match=f"^corrupt_image: image has an empty size {size[0]}x{size[1]}$"):
@@ -221,7 +230,8 @@ def test_truncated_and_undecodable_data_errors_name_the_problem(monkeypatch: pyt
         raise IndexError("list index out of range")
 
     monkeypatch.setattr(ImageOps, "exif_transpose", decoder_bug)
-    with pytest.raises(CorruptImageError, match="^corrupt_image: image data cannot be decoded: IndexError: list index out of range$"):
+    message = "^corrupt_image: image data cannot be decoded: IndexError: list index out of range$"
+    with pytest.raises(CorruptImageError, match=message):
         load_image(data)
 
 
@@ -507,7 +517,7 @@ def test_palette_image_becomes_its_colours(transparent: bool) -> None:
     assert list(_to_rgb(image).getdata()) == [(255, 255, 255) if transparent else (255, 0, 0), (0, 0, 255)]
 
 
-@pytest.mark.parametrize("mode", ["LA", "RGBa"])
+@pytest.mark.parametrize("mode", ["LA", "RGBa", "PA"])
 def test_every_mode_with_alpha_is_composited_on_white(mode: str) -> None:
     from captioner.preprocess import _to_rgb
 
