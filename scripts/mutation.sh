@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Mutation testing (not in CI; a complete run takes well over 30 minutes on this 2-core machine when it is loaded,
-# see the README): mutmut plants one small change at a time ("mutant": > for >=, a dropped line, another
+# Mutation testing (not in CI; a complete run took about an hour on the idle 2-core development machine, see the
+# README): mutmut plants one small change at a time ("mutant": > for >=, a dropped line, another
 # constant...) in the modules below and runs their fast tests against each; a mutant that no test notices
 # "survived". Prints the survivors and the survival rate over the mutants
 # that are not equivalent (scripts/mutation_equivalent.md lists those, with why), the run's wall time, its CPU time
