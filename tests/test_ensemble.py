@@ -131,7 +131,7 @@ def test_two_member_ensemble_matches_a_hand_computed_search(strategy: str) -> No
     members = [tiny_decoder(1), tiny_decoder(2, cell="gru", conditioning="init", num_layers=2)]
     options = DecodingOptions(strategy=strategy, beam_size=3, num_captions=3 if strategy == "beam" else 1,
                               max_length=6, length_penalty=1.0)
-    found = decode(DecoderEnsemble(members), grids(), VOCAB, options)
+    found = decode(DecoderEnsemble(members).eval(), grids(), VOCAB, options)  # eval: the fast path, as shipped
     with torch.no_grad():
         expected = [_reference_beam(members, grid, options.width, options.max_length, options.length_penalty)
                     for grid in grids()]
@@ -147,7 +147,7 @@ def test_an_ensemble_in_train_mode_decodes_like_in_eval_mode() -> None:
     """Training's validation decodes its decoder in whatever mode; without dropout the modes agree."""
     ensemble = DecoderEnsemble([tiny_decoder(1), tiny_decoder(3, cell="rnn", num_layers=2)])
     options = DecodingOptions(beam_size=3, num_captions=2, max_length=6)
-    evaluated = decode(ensemble, grids(), VOCAB, options)
+    evaluated = decode(ensemble.eval(), grids(), VOCAB, options)  # (a new module starts in train mode)
     trained = decode(ensemble.train(), grids(), VOCAB, options)
     for a, b in zip(evaluated, trained, strict=True):
         assert [h.tokens for h in a] == [h.tokens for h in b]
