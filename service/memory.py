@@ -43,7 +43,7 @@ def decode_cost(image: Image.Image, size: int) -> int:
     """The pixels Pillow will hold for ``image``: JPEGs decode in draft mode at the largest DCT scale (1/2, 1/4,
     1/8) that still covers ``size`` x ``size`` (as ``captioner.preprocess.load_image`` asks), others at full size."""
     width, height = image.size
-    if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr"):
+    if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):  # the modes Pillow opens JPEGs in
         fits = min(width // size, height // size)
         scale = next(s for s in (8, 4, 2, 1) if fits >= s or s == 1)
         return -(-width // scale) * -(-height // scale)

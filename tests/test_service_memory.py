@@ -101,4 +101,7 @@ def test_worst_case_burst_stays_within_the_bound(tiny_model_dir: Path, tmp_path:
     assert statuses == [200] * 16
     bound_kib = peak_growth_bound(max_pixels) / 1024  # without the budget: ~16 x 80 MB
     assert peak - idle <= bound_kib, f"peak {peak} KiB, idle {idle} KiB, bound +{bound_kib:.0f} KiB"
-    assert after - idle <= 32 * 1024, f"after the burst {after} KiB, idle {idle} KiB"
+    # Given back: what stays is at most about one worst-case image's conversion buffers (glibc keeps them in some
+    # runs: +0 MB in most, +31-48 MB in about 1 of 5, measured before and after the 30 November changes alike),
+    # not the burst's (~16 x 80 MB without the budget).
+    assert after - idle <= 64 * 1024, f"after the burst {after} KiB, idle {idle} KiB"
