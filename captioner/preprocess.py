@@ -163,6 +163,12 @@ class DecodedImage:
     height: int
 
 
+def drafts_jpeg(image: Image.Image) -> bool:
+    """Whether :func:`read_image` decodes ``image`` in JPEG draft mode (at a reduced DCT scale): JPEGs in the modes
+    Pillow opens them in (RGB, L, CMYK)."""
+    return image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK")
+
+
 def read_image(
     source: ImageSource, config: PreprocessConfig | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> DecodedImage:
@@ -181,7 +187,7 @@ def read_image(
     try:
         if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
             width, height = height, width
-        if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):  # the modes Pillow opens JPEGs in
+        if drafts_jpeg(image):
             image.draft("RGB" if image.mode != "L" else "L", (config.size, config.size))
         if getattr(image, "is_animated", False):
             image.seek(0)  # first frame of an animated GIF/PNG/WebP

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 from PIL import Image
 
+from captioner.preprocess import drafts_jpeg
+
 # Decodes of at least this many pixels are followed by malloc_trim (smaller ones reuse the heap well on their own).
 TRIM_MIN_PIXELS = 4_000_000
 M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
@@ -43,7 +45,7 @@ def decode_cost(image: Image.Image, size: int) -> int:
     """The pixels Pillow will hold for ``image``: JPEGs decode in draft mode at the largest DCT scale (1/2, 1/4,
     1/8) that still covers ``size`` x ``size`` (as ``captioner.preprocess.load_image`` asks), others at full size."""
     width, height = image.size
-    if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):  # the modes Pillow opens JPEGs in
+    if drafts_jpeg(image):
         fits = min(width // size, height // size)
         scale = next(s for s in (8, 4, 2, 1) if fits >= s or s == 1)
         return -(-width // scale) * -(-height // scale)
