@@ -37,6 +37,8 @@ trap 'kill "$sampler" 2>/dev/null || true' EXIT
 start=$(date +%s)
 # mutmut puts mutants/ first on the import path; PYTHONPATH must not put the unmutated checkout before it.
 status=0
+# tests/conftest.py loads torchvision and builds the test models once in the fork server (see _prewarm there).
+export CAPTIONER_TEST_PREWARM=1
 env -u PYTHONPATH "$MUTMUT" run --max-children "${JOBS:-2}" "$@" > mutants/run.log 2>&1 || status=$?
 seconds=$(( $(date +%s) - start ))
 kill "$sampler" 2>/dev/null || true

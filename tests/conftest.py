@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,52 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.checkpoint import CaptionModel, save_model
-from captioner.encoder import build_encoder
-from captioner.model import CaptionDecoder, DecoderConfig
-from captioner.preprocess import PreprocessConfig
-from captioner.vocabulary import Vocabulary
+# The model builders live in a plain module (pytest re-executes conftest.py in every session); tests import them
+# from here as before.
+from tiny_models import TINY_CAPTIONS, tiny_model, varied_tiny_model  # noqa: F401
+
+from captioner.checkpoint import save_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FLICKR8K = SHARED / "data" / "flickr8k"
 COCO_VAL = SHARED / "data" / "coco" / "captions_val2017.json"
-
-TINY_CAPTIONS = [
-    "a dog runs on the grass",
-    "a black dog jumps over a log",
-    "a cat sits on a red mat",
-    "two children play in the snow",
-    "a man rides a bike down the street",
-    "a woman in a red dress walks on the beach",
-]
-
-
-def tiny_model(conditioning: str = "attention", cell: str = "lstm", num_layers: int = 1, seed: int = 0) -> CaptionModel:
-    """A random-weight model: MobileNetV2 architecture (random init) at 64px, a small decoder."""
-    torch.manual_seed(seed)
-    vocab = Vocabulary.build(TINY_CAPTIONS, min_count=1)
-    encoder = build_encoder("mobilenet_v2", pretrained=False)
-    decoder = CaptionDecoder(
-        DecoderConfig(len(vocab), encoder.channels, embed_dim=16, hidden_dim=32, attention_dim=16,
-                      num_layers=num_layers, cell=cell, conditioning=conditioning, dropout=0.0)
-    )
-    return CaptionModel(encoder.eval(), decoder.eval(), vocab, PreprocessConfig(size=64), name="tiny", version="test")
-
-
-def varied_tiny_model() -> CaptionModel:
-    """The tiny model with its encoder's batch-norm statistics calibrated on noise, so that (unlike the plain tiny
-    model, whose random-init features vanish) different images get different captions."""
-    model = tiny_model()
-    norms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average: one batch sets the statistics exactly
-        norm.train()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.encoder.blocks(torch.randn(16, 3, 64, 64))
-    model.encoder.eval()
-    return model
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -93,3 +57,15 @@ def flickr8k_dir() -> Path:
     if not (FLICKR8K / "Flickr8k.token.txt").is_file():
         pytest.skip("../shared/data/flickr8k is not available")
     return FLICKR8K
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under mutation testing, run each mutant's quickest tests first, so that a mutant a quick test catches costs
+    little: mutmut's fork server hands a mutant's tests over in set order, not by the durations it measured (its
+    other runners sort them). The durations are mutmut's, in mutants/mutmut-stats.json (the tests' working
+    directory there)."""
+    stats = Path("mutmut-stats.json")
+    if not os.environ.get("CAPTIONER_TEST_PREWARM") or not stats.is_file():
+        return
+    durations = json.loads(stats.read_text())["duration_by_test"]
+    items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
