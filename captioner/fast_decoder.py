@@ -111,11 +111,12 @@ def _onnxruntime_gemm(weight: Tensor, bias: Tensor | None) -> object:
 
 
 def _session_options() -> object:
-    """As many threads as PyTorch uses (when built), no spinning between calls: the next ops get the cores back."""
+    """One thread per product, no spinning between calls: :func:`captioner.decoding.decode` runs one part of a
+    batch per core, each in its own thread (and a product of one image's beams is too small to split)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from conftest import tiny_model
 
+from captioner import decoding
 from captioner.decoding import DecodingOptions, Hypothesis, decode
 from captioner.fast_decoder import fast_decoder
 from captioner.model import CaptionDecoder
@@ -303,3 +306,53 @@ def test_settled_images_leave_the_beam_batch(conditioning: str) -> None:
     for hs_together, hs_alone in zip(together, alone, strict=True):
         for a, b in zip(hs_together, hs_alone, strict=True):
             assert a.log_prob == pytest.approx(b.log_prob, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options", [{"strategy": "greedy"}, {"beam_size": 3, "num_captions": 2, "no_repeat_ngram_size": 2}]
+)
+def test_two_threads_decode_two_parts_side_by_side_as_one_batch(options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two torch threads, decode() splits a batch into two parts decoded in two threads with one torch
+    thread each (decoding._decode_in_parts): the same hypotheses as one batch on one thread, and afterwards
+    torch's thread count is back to two."""
+    decoder, vocab = decoder_and_vocab("lstm", "attention")
+    grid = grids(7)
+    one_batch = decode(decoder, grid, vocab, DecodingOptions(**options))  # one thread (conftest)
+    calls: list[tuple[int, str, int]] = []
+    decode_group = decoding._decode_group
+
+    def spy(stepper: object, part: torch.Tensor, *args: object) -> list[list[Hypothesis]]:
+        calls.append((part.size(0), threading.current_thread().name.split("_")[0], torch.get_num_threads()))
+        return decode_group(stepper, part, *args)
+
+    monkeypatch.setattr(decoding, "_decode_group", spy)
+    torch.set_num_threads(2)
+    try:
+        in_parts = decode(decoder, grid, vocab, DecodingOptions(**options))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert sorted(calls) == [(3, "decode", 1), (4, "decode", 1)]
+    assert [[h.tokens for h in hyps] for hyps in in_parts] == [[h.tokens for h in hyps] for hyps in one_batch]
+    for parts_hyps, batch_hyps in zip(in_parts, one_batch, strict=True):
+        assert [h.log_prob for h in parts_hyps] == pytest.approx([h.log_prob for h in batch_hyps], abs=1e-5)
+
+
+def test_concurrent_decodes_in_parts_restore_the_thread_count() -> None:
+    """Two decodes in parts at once (a service's requests, a user's threads): both give one batch's captions, and
+    torch's thread count is restored when the last one ends, not set to the other's lowered value."""
+    decoder, vocab = decoder_and_vocab("lstm", "attention")
+    options = DecodingOptions(beam_size=3)
+    batches = [grids(6, seed) for seed in (1, 2)]
+    expected = [decode(decoder, grid, vocab, options) for grid in batches]
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for _ in range(3):
+                results = list(pool.map(lambda grid: decode(decoder, grid, vocab, options), batches))
+                assert [[h.tokens for h in hyps] for r in results for hyps in r] == [
+                    [h.tokens for h in hyps] for e in expected for hyps in e
+                ]
+                assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

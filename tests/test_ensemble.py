@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from flask import Flask
 from PIL import Image
 from safetensors.torch import load_file
 
+from captioner import decoding
 from captioner.api import Captioner
 from captioner.checkpoint import (
     CONFIG_FILE,
@@ -152,6 +154,27 @@ def test_an_ensemble_in_train_mode_decodes_like_in_eval_mode() -> None:
     for a, b in zip(evaluated, trained, strict=True):
         assert [h.tokens for h in a] == [h.tokens for h in b]
         assert [h.log_prob for h in a] == pytest.approx([h.log_prob for h in b], abs=1e-4)
+
+
+def test_an_ensemble_on_two_threads_is_decoded_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ensemble in eval mode is split over the threads like one decoder (decoding._decode_in_parts), with the
+    same hypotheses as one batch."""
+    ensemble = DecoderEnsemble([tiny_decoder(1), tiny_decoder(3, cell="rnn", num_layers=2)]).eval()
+    options = DecodingOptions(beam_size=3, num_captions=2, max_length=6)
+    one_batch = decode(ensemble, grids(), VOCAB, options)
+    threads: list[str] = []
+    decode_group = decoding._decode_group
+    monkeypatch.setattr(decoding, "_decode_group", lambda *args: threads.append(threading.current_thread().name)
+                        or decode_group(*args))  # fmt: skip
+    torch.set_num_threads(2)
+    try:
+        in_parts = decode(ensemble, grids(), VOCAB, options)
+    finally:
+        torch.set_num_threads(1)
+    assert len(threads) == 2 and all(name.startswith("decode_") for name in threads)
+    for a, b in zip(in_parts, one_batch, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.log_prob for h in a] == pytest.approx([h.log_prob for h in b], abs=1e-5)
 
 
 def test_members_must_share_vocabulary_and_features() -> None:
