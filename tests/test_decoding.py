@@ -356,3 +356,27 @@ def test_concurrent_decodes_in_parts_restore_the_thread_count() -> None:
                 assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("case", ["one image", "train mode"])
+def test_what_is_not_decoded_in_parts(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One image (one HTTP request) cannot be split, and a decoder in train mode (training's validation, which may
+    draw dropout) is not: both are decoded in the calling thread, with torch's threads as they were."""
+    decoder, vocab = decoder_and_vocab("lstm", "attention")
+    grid = grids(1 if case == "one image" else 4)
+    calls: list[tuple[int, str, int]] = []
+    decode_group = decoding._decode_group
+
+    def spy(stepper: object, part: torch.Tensor, *args: object) -> list[list[Hypothesis]]:
+        calls.append((part.size(0), threading.current_thread().name, torch.get_num_threads()))
+        return decode_group(stepper, part, *args)
+
+    monkeypatch.setattr(decoding, "_decode_group", spy)
+    torch.set_num_threads(2)
+    try:
+        decoder.train(case == "train mode")
+        decode(decoder, grid, vocab, DecodingOptions(beam_size=2))
+    finally:
+        decoder.eval()
+        torch.set_num_threads(1)
+    assert calls == [(grid.size(0), threading.current_thread().name, 2)]

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 from captioner.errors import CorruptImageError, ImageError, ImageTooLargeError, NotAnImageError
 from captioner.preprocess import (
     PreprocessConfig,
+    drafts_jpeg,
     known_signature,
     load_image,
     open_image,
@@ -526,3 +527,16 @@ def test_every_mode_with_alpha_is_composited_on_white(mode: str) -> None:
     image = rgba.convert(mode)
     assert image.mode == mode
     assert list(_to_rgb(image).getdata()) == [(255, 255, 255), (0, 0, 0)]
+
+
+@pytest.mark.parametrize(("fmt", "mode", "drafted"), [
+    ("JPEG", "RGB", True), ("JPEG", "L", True), ("JPEG", "CMYK", True),
+    ("PNG", "RGB", False), ("PNG", "L", False), ("TIFF", "CMYK", False),
+])  # fmt: skip
+def test_only_jpeg_files_are_decoded_in_draft_mode(fmt: str, mode: str, drafted: bool) -> None:
+    """drafts_jpeg: JPEG files in the modes libjpeg can draft, nothing else (the service's memory estimate reads
+    it too, so a large PNG must not be costed as a draft)."""
+    data = io.BytesIO()
+    Image.new(mode, (40, 30)).save(data, fmt)
+    with Image.open(data) as image:
+        assert drafts_jpeg(image) is drafted
