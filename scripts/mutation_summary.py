@@ -56,3 +56,9 @@ if seconds:
             f"{cpu_seconds / max(len(checked), 1):.2f} s CPU each)")
     print(f"time: {seconds // 60} min {seconds % 60} s wall, {cpu_seconds // 60} min {cpu_seconds % 60} s CPU"
           f"{each}{load}")
+# mutmut's fork server logs each mutant's wall time (log_to_file in [tool.mutmut]): the slowest show where time goes.
+log = Path("mutants/mutmut-debug.log")
+if log.exists():
+    took = dict(re.findall(r"Completed (\S+): exit=-?\d+ \(([\d.]+)s\)", log.read_text(errors="replace")))
+    slowest = sorted(took.items(), key=lambda item: -float(item[1]))[:5]
+    print("slowest mutants (wall s, last time each ran): " + ", ".join(f"{name} {float(s):.1f}" for name, s in slowest))
