@@ -308,31 +308,42 @@ def test_settled_images_leave_the_beam_batch(conditioning: str) -> None:
             assert a.log_prob == pytest.approx(b.log_prob, abs=1e-4)
 
 
+@pytest.fixture
+def group_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str, int]]:
+    """Every call of decoding._decode_group from now on: (images, calling thread's name, torch threads)."""
+    calls: list[tuple[int, str, int]] = []
+    decode_group = decoding._decode_group
+
+    def spy(stepper: object, part: torch.Tensor, *args: object) -> list[list[Hypothesis]]:
+        calls.append((part.size(0), threading.current_thread().name, torch.get_num_threads()))
+        return decode_group(stepper, part, *args)
+
+    monkeypatch.setattr(decoding, "_decode_group", spy)
+    return calls
+
+
 @pytest.mark.parametrize(
     "options", [{"strategy": "greedy"}, {"beam_size": 3, "num_captions": 2, "no_repeat_ngram_size": 2}]
 )
-def test_two_threads_decode_two_parts_side_by_side_as_one_batch(options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_threads_decode_two_parts_side_by_side_as_one_batch(
+    options: dict, group_calls: list[tuple[int, str, int]]
+) -> None:
     """With two torch threads, decode() splits a batch into two parts decoded in two threads with one torch
     thread each (decoding._decode_in_parts): the same hypotheses as one batch on one thread, and afterwards
     torch's thread count is back to two."""
     decoder, vocab = decoder_and_vocab("lstm", "attention")
     grid = grids(7)
     one_batch = decode(decoder, grid, vocab, DecodingOptions(**options))  # one thread (conftest)
-    calls: list[tuple[int, str, int]] = []
-    decode_group = decoding._decode_group
-
-    def spy(stepper: object, part: torch.Tensor, *args: object) -> list[list[Hypothesis]]:
-        calls.append((part.size(0), threading.current_thread().name.split("_")[0], torch.get_num_threads()))
-        return decode_group(stepper, part, *args)
-
-    monkeypatch.setattr(decoding, "_decode_group", spy)
+    group_calls.clear()
     torch.set_num_threads(2)
     try:
         in_parts = decode(decoder, grid, vocab, DecodingOptions(**options))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
-    assert sorted(calls) == [(3, "decode", 1), (4, "decode", 1)]
+    assert sorted((rows, thread.split("_")[0], threads) for rows, thread, threads in group_calls) == [
+        (3, "decode", 1), (4, "decode", 1)
+    ]
     assert [[h.tokens for h in hyps] for hyps in in_parts] == [[h.tokens for h in hyps] for hyps in one_batch]
     for parts_hyps, batch_hyps in zip(in_parts, one_batch, strict=True):
         assert [h.log_prob for h in parts_hyps] == pytest.approx([h.log_prob for h in batch_hyps], abs=1e-5)
@@ -359,19 +370,11 @@ def test_concurrent_decodes_in_parts_restore_the_thread_count() -> None:
 
 
 @pytest.mark.parametrize("case", ["one image", "train mode"])
-def test_what_is_not_decoded_in_parts(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_what_is_not_decoded_in_parts(case: str, group_calls: list[tuple[int, str, int]]) -> None:
     """One image (one HTTP request) cannot be split, and a decoder in train mode (training's validation, which may
     draw dropout) is not: both are decoded in the calling thread, with torch's threads as they were."""
     decoder, vocab = decoder_and_vocab("lstm", "attention")
     grid = grids(1 if case == "one image" else 4)
-    calls: list[tuple[int, str, int]] = []
-    decode_group = decoding._decode_group
-
-    def spy(stepper: object, part: torch.Tensor, *args: object) -> list[list[Hypothesis]]:
-        calls.append((part.size(0), threading.current_thread().name, torch.get_num_threads()))
-        return decode_group(stepper, part, *args)
-
-    monkeypatch.setattr(decoding, "_decode_group", spy)
     torch.set_num_threads(2)
     try:
         decoder.train(case == "train mode")
@@ -379,4 +382,4 @@ def test_what_is_not_decoded_in_parts(case: str, monkeypatch: pytest.MonkeyPatch
     finally:
         decoder.eval()
         torch.set_num_threads(1)
-    assert calls == [(grid.size(0), threading.current_thread().name, 2)]
+    assert group_calls == [(grid.size(0), threading.current_thread().name, 2)]

@@ -37,7 +37,11 @@ def tiny_model(conditioning: str = "attention", cell: str = "lstm", num_layers: 
     A fresh copy on every call (callers may train or edit it) of a model built once per argument set: building a
     MobileNetV2 costs ~0.3 s of Python module construction, a copy ~0.03 s. The global torch RNG is left as a
     fresh build leaves it, so that what a test draws after this call does not depend on the cache."""
-    model, rng_after_build = _built_tiny_model(conditioning, cell, num_layers, seed)
+    return _fresh_copy(*_built_tiny_model(conditioning, cell, num_layers, seed))
+
+
+def _fresh_copy(model: CaptionModel, rng_after_build: torch.Tensor) -> CaptionModel:
+    """A copy of a built model, with the torch RNG as its build left it."""
     torch.set_rng_state(rng_after_build)
     return copy.deepcopy(model)
 
@@ -58,9 +62,7 @@ def _built_tiny_model(conditioning: str, cell: str, num_layers: int, seed: int) 
 def varied_tiny_model() -> CaptionModel:
     """The tiny model with its encoder's batch-norm statistics calibrated on noise, so that (unlike the plain tiny
     model, whose random-init features vanish) different images get different captions. A fresh copy, as above."""
-    model, rng_after_build = _built_varied_tiny_model()
-    torch.set_rng_state(rng_after_build)
-    return copy.deepcopy(model)
+    return _fresh_copy(*_built_varied_tiny_model())
 
 
 @functools.cache
