@@ -9,13 +9,15 @@ trigrams, at most 20 words) by
   this tree's beam search stepping ``CaptionDecoder.step`` itself where git or the commit is missing;
 * **fast**: this tree's :func:`captioner.decoding.decode`, which steps the inference fast path of
   ``captioner/fast_decoder.py``;
+* **fast int8**: the same with ``precision="int8"`` (the step's products in int8, ONNX Runtime): not exact, so
+  some captions differ; ``benchmarks/runtime_captions.py --decoder-precisions`` scores what that does to CIDEr;
 
 at batch 32 (the batch command, the features cache) over all the photos and at batch 1 (one HTTP request) over the
-first ``--single`` of them, plain and fast taking turns on every batch so that other processes' load falls on both
-alike. It prints each path's images/s (median of ``--repeats`` rounds), wall-clock and per CPU second of this
-process (on a shared machine the latter is steadier), the ratios, the load average, and how many of the best
-captions differ between the two paths (0 is the target: the fast path is exact algebra). Without the
-Flickr8k photos (``../shared/data/flickr8k``) it says so and exits 0.
+first ``--single`` of them, the paths taking turns on every batch so that other processes' load falls on all alike.
+It prints each path's images/s (median of ``--repeats`` rounds), wall-clock and per CPU second of this process (on a
+shared machine the latter is steadier), the ratios to plain, the load average, and how many of the best captions
+differ from plain's (0 is the target for float32: the fast path is exact algebra). Without the Flickr8k photos
+(``../shared/data/flickr8k``) it says so and exits 0.
 
     .venv/bin/python benchmarks/decoding.py --threads 1
     .venv/bin/python benchmarks/decoding.py --threads 1 --images 200 --single 40 --repeats 3
@@ -40,6 +42,7 @@ from runtime import load_baseline_decoder  # noqa: E402
 
 from captioner.api import Captioner  # noqa: E402
 from captioner.decoding import Hypothesis, _decode_group, decode  # noqa: E402
+from captioner.fast_decoder import DECODER_PRECISIONS, resolve_gemm_backend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
@@ -56,21 +59,22 @@ def test_photos(count: int) -> list[Path]:
 
 
 def timed_round(
-    plain: Decoder, fast: Decoder, grids: torch.Tensor, batch_size: int, round_: int
+    decoders: dict[str, Decoder], grids: torch.Tensor, batch_size: int, round_: int
 ) -> dict[str, tuple[float, float, list[list[Hypothesis]]]]:
-    """Both decoders over ``grids``, ``batch_size`` images at a time, taking turns on every batch (who goes first
-    alternates), so that the load of other processes, which changes by the second, falls on both alike.
+    """Every decoder over ``grids``, ``batch_size`` images at a time, taking turns on every batch (who goes first
+    rotates), so that the load of other processes, which changes by the second, falls on all alike.
 
     Returns, per decoder, its summed wall seconds, its summed CPU seconds (this process; less sensitive than wall
     time to other processes taking the cores) and its results in order.
     """
-    totals = {"plain": [0.0, 0.0, []], "fast": [0.0, 0.0, []]}
+    totals: dict[str, list] = {name: [0.0, 0.0, []] for name in decoders}
+    names = list(decoders)
     for number, start in enumerate(range(0, grids.size(0), batch_size)):
         batch = grids[start : start + batch_size]
-        runs = (("plain", plain), ("fast", fast))
-        for name, fn in runs if (round_ + number) % 2 == 0 else runs[::-1]:
+        shift = (round_ + number) % len(names)
+        for name in names[shift:] + names[:shift]:
             wall, cpu = time.perf_counter(), time.process_time()
-            results = fn(batch)
+            results = decoders[name](batch)
             totals[name][0] += time.perf_counter() - wall
             totals[name][1] += time.process_time() - cpu
             totals[name][2] += results
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of each (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--baseline", default="f483925", help="git commit whose decoder is the plain path")
+    parser.add_argument("--precisions", nargs="+", default=["float32", "int8"], choices=DECODER_PRECISIONS,
+                        help="the fast path's decoder precisions to time (default: both; int8 needs onnxruntime)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,23 +129,34 @@ def main(argv: list[str] | None = None) -> None:
             with torch.inference_mode():
                 return _decode_group(decoder, g, vocab, options)
 
-    def fast(g: torch.Tensor) -> list[list[Hypothesis]]:
-        return decode(decoder, g, vocab, options)
+    def fast_in(precision: str) -> Decoder:
+        return lambda g: decode(decoder, g, vocab, options, precision)
 
+    decoders = {"plain": plain}
+    for precision in args.precisions:
+        try:
+            resolve_gemm_backend("auto", torch.device("cpu"), torch.float32, precision)
+        except ValueError as exc:
+            print(f"skipped {precision}: {exc}")
+            continue
+        decoders["fast" if precision == "float32" else f"fast {precision}"] = fast_in(precision)
     print(f"{len(photos)} Flickr8k test photos, grid {tuple(grids.shape[1:])}; decoding {options}")
     print(f"torch threads {torch.get_num_threads()}; load average before: {load_average()}", flush=True)
-    print(f"plain: {plain_name}; fast: this tree's decode()")
+    print(f"plain: {plain_name}; fast: this tree's decode() (float32: the same captions; int8: a few change)")
     for batch_size, grid in ((args.batch_size, grids), (1, grids[: args.single])):
-        fast(grid[:batch_size])  # builds the fast path's tables and sessions once, outside the timing
-        rounds = [timed_round(plain, fast, grid, batch_size, round_) for round_ in range(args.repeats)]
-        wall = {name: grid.size(0) / statistics.median(r[name][0] for r in rounds) for name in ("plain", "fast")}
-        cpu = {name: grid.size(0) / statistics.median(r[name][1] for r in rounds) for name in ("plain", "fast")}
+        for fn in decoders.values():
+            fn(grid[:batch_size])  # builds the tables and sessions once, outside the timing
+        rounds = [timed_round(decoders, grid, batch_size, round_) for round_ in range(args.repeats)]
+        wall = {name: grid.size(0) / statistics.median(r[name][0] for r in rounds) for name in decoders}
+        cpu = {name: grid.size(0) / statistics.median(r[name][1] for r in rounds) for name in decoders}
         results = rounds[-1]
-        differ = sum(a[0].tokens != b[0].tokens for a, b in zip(results["plain"][2], results["fast"][2], strict=True))
-        print(f"batch {batch_size:>2}: plain {wall['plain']:6.2f} img/s, fast {wall['fast']:6.2f} img/s, "
-              f"fast / plain {wall['fast'] / wall['plain']:.2f}x (per CPU second: {cpu['plain']:.2f} vs "
-              f"{cpu['fast']:.2f}, {cpu['fast'] / cpu['plain']:.2f}x); best captions differing: {differ} of "
-              f"{grid.size(0)}", flush=True)  # fmt: skip
+        print(f"batch {batch_size:>2}: plain {wall['plain']:6.2f} img/s (per CPU second {cpu['plain']:.2f})")
+        for name in list(decoders)[1:]:
+            differ = sum(a[0].tokens != b[0].tokens
+                         for a, b in zip(results["plain"][2], results[name][2], strict=True))
+            print(f"  {name:<10} {wall[name]:6.2f} img/s, {name} / plain {wall[name] / wall['plain']:.2f}x (per CPU "
+                  f"second: {cpu[name]:.2f}, {cpu[name] / cpu['plain']:.2f}x); best captions differing from plain: "
+                  f"{differ} of {grid.size(0)}", flush=True)  # fmt: skip
     print(f"load average after: {load_average()}")
 
 

@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/service.py                       # the bundled model
     .venv/bin/python benchmarks/service.py --model path/to/model --requests 200 --concurrency 1,4,16
     .venv/bin/python benchmarks/service.py --runtimes torch,auto --batching on --concurrency 1,16
+    .venv/bin/python benchmarks/service.py --runtimes torch,auto,auto+int8 --batching on --concurrency 1,16
 
-With several ``--runtimes`` (CAPTIONER_RUNTIME of the workers) it also prints each one's requests/s and p50 latency
-as a ratio to the first's, level by level, all measured in the same run.
+With several ``--runtimes`` (CAPTIONER_RUNTIME of the workers; ``RUNTIME+PRECISION`` also sets their
+CAPTIONER_DECODER_PRECISION) it also prints each one's requests/s and p50 latency as a ratio to the first's, level by
+level, all measured in the same run.
 
 For each setting of CAPTIONER_BATCHING (on, then off) it starts gunicorn (``service/gunicorn.conf.py``, 1 worker by
 default), sends ``--requests`` caption requests at each concurrency level from that many client threads (each with
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CAPTIONER_TORCH_THREADS of the workers and this process (default: cores / workers)")
     parser.add_argument("--single", type=int, default=20, help="sequential requests for the in-process comparison")
     parser.add_argument("--runtimes", default="auto",
-                        help="comma-separated CAPTIONER_RUNTIME values, compared to the first (default: auto)")
+                        help="comma-separated CAPTIONER_RUNTIME values, compared to the first; RUNTIME+int8 also "
+                             "sets CAPTIONER_DECODER_PRECISION (default: auto)")
     parser.add_argument("--batching", default="on,off", help="CAPTIONER_BATCHING settings to run (default: on,off)")
     args = parser.parse_args(argv)
 
@@ -138,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     env = {"CAPTIONER_TORCH_THREADS": str(args.torch_threads)} if args.torch_threads else {}
     for runtime, batching in ((r, b) for r in runtimes for b in args.batching.split(",")):
         with tempfile.TemporaryDirectory(prefix="captioner-bench-") as logs:
+            encoder_runtime, _, precision = runtime.partition("+")
             server = GunicornServer(model, Path(logs), workers=args.workers, threads=args.threads,
-                                    env=env | {"CAPTIONER_BATCHING": batching, "CAPTIONER_RUNTIME": runtime})
+                                    env=env | {"CAPTIONER_BATCHING": batching, "CAPTIONER_RUNTIME": encoder_runtime,
+                                               "CAPTIONER_DECODER_PRECISION": precision or "float32"})
             try:
                 server.wait_ready()
                 drive(server, path, body, content_type, 2, 4)  # warm-up: connections, allocator, caches

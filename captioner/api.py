@@ -19,6 +19,7 @@ import torch
 from captioner.checkpoint import CaptionModel, load_model
 from captioner.decoding import DecodingOptions, decode
 from captioner.errors import CheckpointError
+from captioner.fast_decoder import resolve_gemm_backend
 from captioner.preprocess import DEFAULT_MAX_PIXELS, ImageSource, prepare_image
 from captioner.runtime import AUTO, load_runtime
 from captioner.tags import DEFAULT_NUM_TAGS, Tag, check_num_tags
@@ -53,11 +54,17 @@ class Captions(list[Caption]):
 class Captioner:
     """A loaded model ready to caption images."""
 
-    def __init__(self, model: CaptionModel, device: str | torch.device = "cpu", runtime: str | None = AUTO) -> None:
+    def __init__(
+        self, model: CaptionModel, device: str | torch.device = "cpu", runtime: str | None = AUTO,
+        decoder_precision: str = "float32",
+    ) -> None:
         self.model = model.to(device)
         self.device = torch.device(device)
         self.vocab = model.vocab
         self.preprocess_config = model.preprocess
+        # Fail here, not at the first request, where the precision cannot run (int8 needs ONNX Runtime on a CPU).
+        resolve_gemm_backend("auto", self.device, next(model.decoder.parameters()).dtype, decoder_precision)
+        self.decoder_precision = decoder_precision
         # The encoder in the chosen inference runtime (captioner.runtime); the decoder always runs in PyTorch.
         self.encode = load_runtime(model.encoder, model.preprocess.size, runtime, self.device)
 
@@ -69,16 +76,19 @@ class Captioner:
         encoder_weights: str | Path | None = None,
         allow_download: bool = True,
         runtime: str | None = AUTO,
+        decoder_precision: str = "float32",
     ) -> Captioner:
         """Load a model directory (the bundled default model when ``path`` is None).
 
         ``runtime`` runs the encoder: "torch", "openvino", "onnxruntime" or "auto" (the fastest installed one).
+        ``decoder_precision``: "float32" (the default; the reference's captions) or "int8" (the decoder's products
+        in int8, ONNX Runtime on the CPU: faster, a few captions change; see the README's "Decoder precision").
         """
         if path is None:
             path = DEFAULT_MODEL_DIR
             if not (path / "config.json").is_file():
                 raise CheckpointError(f"the bundled default model is missing from {path}; pass a model directory")
-        return cls(load_model(path, device, encoder_weights, allow_download), device, runtime)
+        return cls(load_model(path, device, encoder_weights, allow_download), device, runtime, decoder_precision)
 
     @property
     def name(self) -> str:
@@ -140,7 +150,7 @@ class Captioner:
             return []
         with torch.inference_mode():
             grid = self.encode(batch.to(self.device, non_blocking=True))
-            results = decode(self.model.decoder, grid.float(), self.vocab, options)
+            results = decode(self.model.decoder, grid.float(), self.vocab, options, self.decoder_precision)
             tags = self._tag_grid(grid, num_tags)
         return [
             Captions(

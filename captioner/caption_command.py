@@ -42,6 +42,7 @@ from captioner.batch import (
 from captioner.decoding import OPTION_SPECS, DecodingOptions, OptionSpec, parse_option
 from captioner.distributed import Launch
 from captioner.errors import CaptionerError
+from captioner.fast_decoder import DECODER_PRECISIONS
 from captioner.runtime import RUNTIME_CHOICES
 from captioner.tags import DEFAULT_NUM_TAGS
 
@@ -85,6 +86,14 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """``--device``, the same in every command: ``auto`` uses the GPU when there is one, so nobody has to ask."""
     parser.add_argument("--device", default="auto", metavar="DEVICE",
                         help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: auto)")
+
+
+def add_decoder_precision_argument(parser: argparse.ArgumentParser, default: str | None = "float32") -> None:
+    """``--decoder-precision``, the same in every command that captions (``default`` None: the service's setting)."""
+    shown = "float32" if default else "$CAPTIONER_DECODER_PRECISION, else float32"
+    parser.add_argument("--decoder-precision", default=default, choices=DECODER_PRECISIONS,
+                        help=f"the decoder's products: float32 (the reference's captions) or int8 (faster on CPU with "
+                             f"onnxruntime; a few captions change) (default: {shown})")
 
 
 def _positive_int(text: str) -> int:
@@ -144,6 +153,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_device_argument(parser)
     parser.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
                         help="encoder runtime (default: auto, the fastest installed; torch is the reference)")
+    add_decoder_precision_argument(parser)
     parser.add_argument("--resume", action="store_true",
                         help="skip images already in --out (jsonl/csv) and append the rest")
     parser.add_argument("--shard", type=_shard, default=None, metavar="I/N",
@@ -232,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
         total = len(paths)
         if shard is not None:
             paths = shard.select(paths)
-        captioner = Captioner.load(args.model, device=device, runtime="torch" if ray else args.runtime)
+        captioner = Captioner.load(args.model, device=device, runtime="torch" if ray else args.runtime,
+                                   decoder_precision=args.decoder_precision)
         num_tags = args.tags if captioner.has_tags else 0
         completed = read_completed(out, fmt, args.num_captions or 1, num_tags > 0) if args.resume else Completed()
         todo = completed.remaining(paths)
@@ -305,7 +316,7 @@ def _run_on_ray(
         address=args.ray_address, actors=args.actors, batch_size=args.actor_batch_size or args.batch_size,
         actor_cpus=args.actor_cpus, readers=args.workers or None, device=args.device,
         model=str(Path(args.model).resolve()) if args.model else None,  # actors may run in another directory
-        runtime=args.runtime, num_tags=num_tags,
+        runtime=args.runtime, decoder_precision=args.decoder_precision, num_tags=num_tags,
     )
     try:
         try:

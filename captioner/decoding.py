@@ -173,7 +173,7 @@ class Hypothesis:
 
 def decode(
     decoder: CaptionDecoder | DecoderEnsemble, grid: Tensor, vocab: Vocabulary,
-    options: DecodingOptions | Sequence[DecodingOptions],
+    options: DecodingOptions | Sequence[DecodingOptions], precision: str = "float32",
 ) -> list[list[Hypothesis]]:
     """Decode a batch of encoder grids (batch, C, H, W); per image, its ``num_captions`` hypotheses, best first.
 
@@ -181,6 +181,8 @@ def decode(
     (the service's micro-batches mix requests). Images are grouped by their options and each group's rows of
     ``grid`` are decoded as one batch, so an image's captions never depend on what else is in the batch.
     ``decoder`` may be a :class:`~captioner.ensemble.DecoderEnsemble`: the same search, on averaged log-probabilities.
+    ``precision`` is the eval-mode fast path's (:data:`~captioner.fast_decoder.DECODER_PRECISIONS`): "float32" gives
+    the reference's captions, "int8" is faster and changes a few.
     """
     per_image = [options] * grid.size(0) if isinstance(options, DecodingOptions) else list(options)
     if len(per_image) != grid.size(0):
@@ -191,7 +193,10 @@ def decode(
     results: list[list[Hypothesis]] = [[] for _ in per_image]
     with torch.inference_mode():
         # In eval mode, the same step with precomputed tables (fast_decoder.py); an ensemble's members each use theirs.
-        stepper = decoder.steps() if isinstance(decoder, DecoderEnsemble) else fast_decoder(decoder)
+        if isinstance(decoder, DecoderEnsemble):
+            stepper: Stepper = decoder.steps(precision)
+        else:
+            stepper = fast_decoder(decoder, "auto", precision)
         for opts, indices in groups.items():
             rows = grid if len(indices) == len(per_image) else grid[torch.tensor(indices, device=grid.device)]
             for index, hyps in zip(indices, _decode_in_parts(stepper, rows, vocab, opts), strict=True):

@@ -120,10 +120,11 @@ class DecoderEnsemble(nn.Module):
         """Each member's architecture, in order."""
         return [member.config for member in self.members]
 
-    def steps(self) -> EnsembleSteps:
-        """What :func:`~captioner.decoding.decode` steps: each member's fast path in eval mode (built once per set
-        of weights, see :func:`~captioner.fast_decoder.fast_decoder`), the members themselves in train mode."""
-        return EnsembleSteps([fast_decoder(member) for member in self.members])
+    def steps(self, precision: str = "float32") -> EnsembleSteps:
+        """What :func:`~captioner.decoding.decode` steps: each member's fast path in eval mode, in ``precision``
+        (built once per set of weights, see :func:`~captioner.fast_decoder.fast_decoder`), the members themselves
+        in train mode."""
+        return EnsembleSteps([fast_decoder(member, "auto", precision) for member in self.members])
 
     def memory_and_state(self, grid: Tensor) -> tuple[Memory, State]:
         """The members' memories and initial states laid end to end (the plain modules, as in training)."""

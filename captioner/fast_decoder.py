@@ -24,6 +24,10 @@ What changes per step (all exact f32 algebra; only the order of float operations
   on the gated context, the classifier) are most of a step, and the sgemm PyTorch calls (MKL's) ran them 1.5-3x
   slower than ONNX Runtime's MLAS kernels on the AMD AVX2 development machine; each weight becomes a one-node
   session that packs it once. The attention keys of ``memory_and_state`` go the same way.
+* **Optionally, int8 products** (``precision="int8"``, ONNX Runtime on CPU only): the same four products with the
+  weights quantized once, per output column, and each call's input quantized on the fly. Not exact: on the
+  Flickr8k test split 6% of the bundled model's captions change and CIDEr moves by -0.1 (README, "Decoder
+  precision"); the products run ~2x faster. The default, ``"float32"``, writes the reference's captions.
 
 The tables are rebuilt whenever a parameter changes (keyed by each parameter's storage and version counter), so
 training's validation decodes with the current weights.
@@ -43,19 +47,32 @@ from captioner.model import CaptionDecoder, Memory, State
 ATTENTION_CHUNK_BYTES = 1 << 20
 # Who multiplies the step's matrices (see :class:`Gemm`): "auto" is ONNX Runtime on CPU where it is installed.
 GEMM_BACKENDS = ("auto", "torch", "onnxruntime")
+# How precisely the step's products are computed: "float32" (the reference's captions) or "int8" (faster, a few
+# captions change; ONNX Runtime on the CPU only).
+DECODER_PRECISIONS = ("float32", "int8")
 
 
-def resolve_gemm_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+def resolve_gemm_backend(
+    backend: str, device: torch.device, dtype: torch.dtype = torch.float32, precision: str = "float32"
+) -> str:
     """``"torch"`` or ``"onnxruntime"`` for ``backend`` and weights on ``device`` of ``dtype``: "auto" takes ONNX
     Runtime for float32 weights on the CPU where it (and ``onnx``, which builds its graphs) is installed, torch
-    otherwise (GPUs, other precisions)."""
+    otherwise (GPUs, other precisions). ``precision="int8"`` needs ONNX Runtime; a ValueError says why not."""
     if backend not in GEMM_BACKENDS:
         raise ValueError(f"unknown matrix-product backend {backend!r} (expected one of {GEMM_BACKENDS})")
-    supported = device.type == "cpu" and dtype == torch.float32
+    if precision not in DECODER_PRECISIONS:
+        raise ValueError(f"unknown decoder precision {precision!r} (expected one of {', '.join(DECODER_PRECISIONS)})")
+    supported = torch.device(device).type == "cpu" and dtype == torch.float32
+    installed = all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+    if precision == "int8" and not (supported and installed and backend != "torch"):
+        raise ValueError(
+            "int8 decoding runs the decoder's products in ONNX Runtime on the CPU, with float32 weights: "
+            + ("onnxruntime and onnx are not installed" if not installed else f"not {dtype} on {device}")
+            + ("" if backend != "torch" else ", not torch")
+        )
     if backend == "onnxruntime" and not supported:
         raise ValueError(f"the onnxruntime matrix products take float32 weights on the CPU, not {dtype} on {device}")
     if backend == "auto":
-        installed = all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
         return "onnxruntime" if supported and installed else "torch"
     return backend
 
@@ -68,12 +85,13 @@ class Gemm:
     matmul PyTorch calls (MKL's sgemm) is slow at those shapes on some CPUs: on the AMD EPYC (AVX2) of the
     development machine it ran at 3-5 GFLOP/s for 5 rows (one image's beams) and ~20 for 160 rows, where ONNX
     Runtime's MLAS kernels (which pre-pack the constant weight once, at session creation) ran ~3x and ~1.5x faster.
-    Both compute the exact f32 product; only the summation order differs.
+    Both compute the exact f32 product; only the summation order differs. With ``precision="int8"`` (ONNX Runtime
+    only) the product is int8 (see :func:`_onnxruntime_gemm`).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, backend: str) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None, backend: str, precision: str = "float32") -> None:
         self.weight, self.bias = weight, bias
-        self.session = _onnxruntime_gemm(weight, bias) if backend == "onnxruntime" else None
+        self.session = _onnxruntime_gemm(weight, bias, precision) if backend == "onnxruntime" else None
 
     def __call__(self, x: Tensor, addend: Tensor | None = None) -> Tensor:
         """``x`` (rows, K) times the weight, plus the bias or ``addend`` (rows, N)."""
@@ -86,25 +104,49 @@ class Gemm:
         return torch.from_numpy(self.session.run(None, feeds)[0])
 
 
-def _onnxruntime_gemm(weight: Tensor, bias: Tensor | None) -> object:
-    """An ONNX Runtime session of one ``Gemm`` node: y = x @ weight + (bias, or the input ``addend``)."""
+def _onnxruntime_gemm(weight: Tensor, bias: Tensor | None, precision: str = "float32") -> object:
+    """An ONNX Runtime session of y = x @ weight + (bias, or the input ``addend``): one ``Gemm`` node in float32.
+
+    In int8, ``DynamicQuantizeMatMul`` (ONNX Runtime's own op) then ``Add``: the weight is quantized here, once,
+    symmetrically per output column to 7 bits (|q| <= 63), and each call's ``x`` to uint8 by the op. Why 7 bits:
+    without AVX-VNNI, the x86 kernel sums pairs of uint8 x int8 products in int16, and 2 * 255 * 63 fits where
+    2 * 255 * 127 may saturate (ONNX Runtime's quantizer calls this ``reduce_range``).
+    """
     import onnxruntime
     from onnx import TensorProto, helper, numpy_helper
 
     k, n = weight.shape
+    weight = weight.detach().cpu().float().contiguous()
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])]
-    initializers = [numpy_helper.from_array(weight.detach().cpu().float().contiguous().numpy(), "weight")]
+    initializers = []
     if bias is None:
         inputs.append(helper.make_tensor_value_info("addend", TensorProto.FLOAT, ["rows", n]))
         addend = "addend"
     else:
         initializers.append(numpy_helper.from_array(bias.detach().cpu().float().contiguous().numpy(), "bias"))
         addend = "bias"
+    opsets = [helper.make_opsetid("", 17)]
+    if precision == "int8":
+        peak = weight.abs().amax(dim=0)
+        scale = torch.where(peak > 0, peak / 63, torch.ones_like(peak))  # an all-zero column stays zero
+        initializers += [
+            numpy_helper.from_array(torch.round(weight / scale).to(torch.int8).numpy(), "weight"),
+            numpy_helper.from_array(scale.numpy(), "scale"),
+            numpy_helper.from_array(torch.zeros(n, dtype=torch.int8).numpy(), "zero_point"),
+        ]
+        nodes = [
+            helper.make_node("DynamicQuantizeMatMul", ["x", "weight", "scale", "zero_point"], ["product"],
+                             domain="com.microsoft"),
+            helper.make_node("Add", ["product", addend], ["y"]),
+        ]  # fmt: skip
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    else:
+        initializers.append(numpy_helper.from_array(weight.numpy(), "weight"))
+        nodes = [helper.make_node("Gemm", ["x", "weight", addend], ["y"])]
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "weight", addend], ["y"])], "gemm", inputs,
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])], initializers,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        nodes, "gemm", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])], initializers
+    )
+    model = helper.make_model(graph, opset_imports=opsets)
     return onnxruntime.InferenceSession(
         model.SerializeToString(), _session_options(), providers=["CPUExecutionProvider"]
     )
@@ -125,7 +167,7 @@ def _session_options() -> object:
 class FastDecoder:
     """``memory_and_state`` and ``step`` of a :class:`CaptionDecoder` in eval mode, computed with precomputed tables."""
 
-    def __init__(self, decoder: CaptionDecoder, gemm: str = "auto") -> None:
+    def __init__(self, decoder: CaptionDecoder, gemm: str = "auto", precision: str = "float32") -> None:
         if decoder.training:
             raise ValueError("FastDecoder is for inference: put the decoder in eval mode")
         # A weak reference: the cache below maps each decoder to its FastDecoder, and a strong one would keep
@@ -135,7 +177,12 @@ class FastDecoder:
         self.cell = c.cell
         self.layers = c.num_layers
         weight = decoder.classifier.weight
-        self.gemm = backend = resolve_gemm_backend(gemm, weight.device, weight.dtype)
+        self.gemm = backend = resolve_gemm_backend(gemm, weight.device, weight.dtype, precision)
+        self.precision = precision
+
+        def product(weight: Tensor, bias: Tensor | None) -> Gemm:
+            return Gemm(weight, bias, backend, precision)
+
         cells = decoder.cells
         with torch.no_grad():
             first = cells[0]
@@ -148,15 +195,15 @@ class FastDecoder:
             self.word_gates = torch.addmm(joint_bias, decoder.embed.weight.detach(), w_ih[:, :e].t())  # (V, gates)
             # The context's share of the gates, added to the word's rows: the product's addend is given per call.
             self.context_gemm = (
-                Gemm(w_ih[:, e:].t().contiguous(), None, backend) if decoder.attention is not None else None
+                product(w_ih[:, e:].t().contiguous(), None) if decoder.attention is not None else None
             )
             self.hh_bias = [b_hh if self.cell == "gru" else None] + [
                 cell.bias_hh.detach() if self.cell == "gru" else None for cell in cells[1:]
             ]
             self.upper = [
-                (Gemm(cell.weight_ih.detach().t().contiguous(),
-                      cell.bias_ih.detach() + (0 if self.cell == "gru" else cell.bias_hh.detach()), backend),
-                 Gemm(cell.weight_hh.detach().t().contiguous(), torch.zeros_like(cell.bias_hh), backend))
+                (product(cell.weight_ih.detach().t().contiguous(),
+                         cell.bias_ih.detach() + (0 if self.cell == "gru" else cell.bias_hh.detach())),
+                 product(cell.weight_hh.detach().t().contiguous(), torch.zeros_like(cell.bias_hh)))
                 for cell in cells[1:]
             ]
             gates = w_ih.size(0)
@@ -174,16 +221,16 @@ class FastDecoder:
                 parts_w.append(first.weight_hh.detach())
                 parts_b.append(torch.zeros(gates, dtype=w_ih.dtype, device=w_ih.device))
                 self.splits.append(gates)
-            self.h_gemm = Gemm(torch.cat(parts_w).t().contiguous(), torch.cat(parts_b), backend) if parts_w else None
-            self.hh0_gemm = None if self.fused_hh else Gemm(
-                first.weight_hh.detach().t().contiguous(), torch.zeros_like(first.bias_hh), backend
+            self.h_gemm = product(torch.cat(parts_w).t().contiguous(), torch.cat(parts_b)) if parts_w else None
+            self.hh0_gemm = None if self.fused_hh else product(
+                first.weight_hh.detach().t().contiguous(), torch.zeros_like(first.bias_hh)
             )
             if decoder.attention is not None:
                 key = decoder.attention.key  # doubled, for sigmoid(2x); x2 is exact, so the keys are exactly 2x
-                self.key_gemm = Gemm(2 * key.weight.detach().t().contiguous(), 2 * key.bias.detach(), backend)
+                self.key_gemm = product(2 * key.weight.detach().t().contiguous(), 2 * key.bias.detach())
                 self.score_weight = 2 * decoder.attention.score.weight.detach().view(-1)  # (A,), doubled
-            self.classifier_gemm = Gemm(
-                decoder.classifier.weight.detach().t().contiguous(), decoder.classifier.bias.detach(), backend
+            self.classifier_gemm = product(
+                decoder.classifier.weight.detach().t().contiguous(), decoder.classifier.bias.detach()
             )
 
     def memory_and_state(self, grid: Tensor) -> tuple[Memory, State]:
@@ -284,13 +331,19 @@ class FastDecoder:
         return self.classifier_gemm(new_h[-1]), new_state
 
 
-_CACHE: weakref.WeakKeyDictionary[CaptionDecoder, tuple[tuple, FastDecoder]] = weakref.WeakKeyDictionary()
+# Per decoder, per (gemm, precision): the weights' key and the FastDecoder built for them.
+_CACHE: weakref.WeakKeyDictionary[CaptionDecoder, dict[tuple[str, str], tuple[tuple, FastDecoder]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def fast_decoder(decoder: CaptionDecoder, gemm: str = "auto") -> FastDecoder | CaptionDecoder:
+def fast_decoder(
+    decoder: CaptionDecoder, gemm: str = "auto", precision: str = "float32"
+) -> FastDecoder | CaptionDecoder:
     """The :class:`FastDecoder` of ``decoder`` (built once per set of weights), or ``decoder`` itself in train mode.
 
-    ``gemm`` picks who multiplies the matrices (:data:`GEMM_BACKENDS`, see :class:`Gemm`).
+    ``gemm`` picks who multiplies the matrices (:data:`GEMM_BACKENDS`, see :class:`Gemm`), ``precision`` how
+    (:data:`DECODER_PRECISIONS`).
 
     The cache key is every parameter's storage, version counter, dtype and device, so an optimizer step, a
     ``load_state_dict`` or a ``.to()`` rebuilds the tables instead of serving stale ones. Weights that are
@@ -300,11 +353,12 @@ def fast_decoder(decoder: CaptionDecoder, gemm: str = "auto") -> FastDecoder | C
         return decoder
     if any(p.is_inference() for p in decoder.parameters()):
         # Weights created under inference_mode have no version counter to key a cache on: build afresh.
-        return FastDecoder(decoder, gemm)
-    key = (gemm, *((p.data_ptr(), p._version, p.dtype, p.device) for p in decoder.parameters()))
-    cached = _CACHE.get(decoder)
+        return FastDecoder(decoder, gemm, precision)
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in decoder.parameters())
+    built = _CACHE.setdefault(decoder, {})
+    cached = built.get((gemm, precision))
     if cached is not None and cached[0] == key:
         return cached[1]
-    fast = FastDecoder(decoder, gemm)
-    _CACHE[decoder] = (key, fast)
+    fast = FastDecoder(decoder, gemm, precision)
+    built[gemm, precision] = (key, fast)
     return fast

@@ -61,6 +61,9 @@ class Settings:
         secret=True)
     runtime: str = _setting(
         "auto", "encoder runtime: auto (the fastest installed of openvino, onnxruntime), torch, openvino, onnxruntime")
+    decoder_precision: str = _setting(
+        "float32", "the decoder's products: float32 (the reference's captions) or int8 (faster on CPU with "
+                   "onnxruntime; a few captions change)")
 
     def __post_init__(self) -> None:
         positive = ("max_upload_bytes", "max_batch_upload_bytes", "max_pixels", "max_batch_files", "batch_max_size",
@@ -76,6 +79,12 @@ class Settings:
 
         if self.runtime not in (AUTO, *RUNTIMES):
             raise ValueError(f"runtime must be one of {', '.join((AUTO, *RUNTIMES))}, got {self.runtime!r}")
+        from captioner.fast_decoder import DECODER_PRECISIONS
+
+        if self.decoder_precision not in DECODER_PRECISIONS:
+            raise ValueError(
+                f"decoder_precision must be one of {', '.join(DECODER_PRECISIONS)}, got {self.decoder_precision!r}"
+            )
 
     @property
     def resolved_device(self) -> str:

@@ -75,7 +75,8 @@ class Engine:
             if settings.torch_threads:
                 torch.set_num_threads(settings.torch_threads)
             captioner = Captioner.load(
-                settings.model, device=settings.resolved_device, allow_download=False, runtime=settings.runtime
+                settings.model, device=settings.resolved_device, allow_download=False, runtime=settings.runtime,
+                decoder_precision=settings.decoder_precision,
             )
             self._warm_up(captioner)
         except Exception as exc:

@@ -265,6 +265,10 @@ def run_command(args: argparse.Namespace) -> int:
         environ["CAPTIONER_DEVICE"] = args.device
     if args.no_batching:
         environ["CAPTIONER_BATCHING"] = "off"
+    if args.runtime is not None:
+        environ["CAPTIONER_RUNTIME"] = args.runtime
+    if args.decoder_precision is not None:
+        environ["CAPTIONER_DECODER_PRECISION"] = args.decoder_precision
     bind = args.bind or os.environ.get("CAPTIONER_BIND", "0.0.0.0:8000")
     try:
         return serve(bind, environ)

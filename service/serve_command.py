@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from captioner.caption_command import add_decoder_precision_argument
 from captioner.runtime import RUNTIME_CHOICES
 
 log = logging.getLogger("service.serve_command")
@@ -45,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-batching", action="store_true", help="caption each request on its own")
     parser.add_argument("--runtime", default=None, choices=RUNTIME_CHOICES,
                         help="encoder runtime (default: $CAPTIONER_RUNTIME, else auto: the fastest installed)")
+    add_decoder_precision_argument(parser, default=None)
     parser.add_argument("--production", action="store_true",
                         help="run the production stack instead: nginx on --bind in front of gunicorn (needs nginx)")
     parser.add_argument("--bind", default=None,
@@ -70,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         config["batching"] = False
     if args.runtime is not None:
         config["runtime"] = args.runtime
+    if args.decoder_precision is not None:
+        config["decoder_precision"] = args.decoder_precision
     app = create_app(config)
     log.info("serving on http://%s:%d/ (development server; use gunicorn in production)", args.host, args.port)
     run_simple(args.host, args.port, app, threaded=True, use_reloader=False, use_debugger=False)

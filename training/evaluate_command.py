@@ -19,7 +19,12 @@ from pathlib import Path
 
 from captioner.api import DEFAULT_MODEL_DIR, Captioner
 from captioner.atomic import atomic_write_text
-from captioner.caption_command import add_decoding_arguments, add_device_argument, resolve_device
+from captioner.caption_command import (
+    add_decoder_precision_argument,
+    add_decoding_arguments,
+    add_device_argument,
+    resolve_device,
+)
 from captioner.runtime import RUNTIME_CHOICES
 from training.data import CaptionDataset, load_coco
 from training.evaluation import (
@@ -78,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         metavar="METRIC", help=f"some of {', '.join(METRIC_KEYS)} (default: all)")
     parser.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
                         help="encoder runtime (default: auto, the fastest installed; torch is the reference)")
+    add_decoder_precision_argument(parser)
     parser.add_argument("--python-tokenizer", action="store_true",
                         help="tokenise in Python instead of the official Java PTBTokenizer (with no Java, also "
                              "leave out meteor)")
@@ -135,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
             predictions, metrics = _score_results(args, dataset)
             details["results"] = str(args.results.resolve())
         else:
-            captioner = Captioner.load(args.model, device=resolve_device(args.device), runtime=args.runtime)
+            captioner = Captioner.load(args.model, device=resolve_device(args.device), runtime=args.runtime,
+                                       decoder_precision=args.decoder_precision)
             options = captioner.options(
                 strategy=args.strategy, beam_size=args.beam_size, max_length=args.max_length, num_captions=1,
                 length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,

@@ -99,12 +99,12 @@ class CaptionImages:
     def __init__(
         self, model: str | None = None, runtime: str = AUTO, num_tags: int = DEFAULT_NUM_TAGS,
         options: DecodingOptions | None = None, threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-        **given: object,
+        decoder_precision: str = "float32", **given: object,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() and _assigned_gpus() else "cpu"
-        self.captioner = Captioner.load(model, device=device, runtime=runtime)
+        self.captioner = Captioner.load(model, device=device, runtime=runtime, decoder_precision=decoder_precision)
         self.options = options if options is not None else self.captioner.options(**given)
         self.num_tags = num_tags if self.captioner.has_tags else 0
         self.max_pixels = max_pixels
@@ -153,6 +153,7 @@ class RaySettings:
     device: str = "auto"  # "auto": GPU actors when the cluster has GPUs; "cpu"; "cuda"
     model: str | None = None  # a model directory readable at this path on every node (None: the bundled model)
     runtime: str = AUTO
+    decoder_precision: str = "float32"
     num_tags: int = DEFAULT_NUM_TAGS
     max_pixels: int = DEFAULT_MAX_PIXELS
     num_cpus: int | None = None  # CPUs of a local instance (None: all of this machine's)
@@ -223,7 +224,8 @@ def ray_record_batches(
     dataset = dataset.map_batches(
         CaptionImages,
         fn_constructor_kwargs={
-            "model": settings.model, "runtime": settings.runtime, "num_tags": settings.num_tags,
+            "model": settings.model, "runtime": settings.runtime, "decoder_precision": settings.decoder_precision,
+            "num_tags": settings.num_tags,
             "options": options, "threads": max(1, int(actor_cpus)) if not actor_gpus else None,
             "max_pixels": settings.max_pixels,
         },

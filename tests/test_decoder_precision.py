@@ -1,0 +1,178 @@
+"""The decoder's int8 precision (``decoder_precision="int8"``): products close to float32's, the same search, and
+the option in every door; float32 stays the default everywhere."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import captioner.fast_decoder as fast_module
+from captioner.api import DEFAULT_MODEL_DIR, Captioner
+from captioner.cli import main
+from captioner.decoding import DecodingOptions, decode
+from captioner.ensemble import DecoderEnsemble
+from captioner.fast_decoder import DECODER_PRECISIONS, Gemm, fast_decoder, resolve_gemm_backend
+from service.config import Settings, load_settings
+
+HAS_ONNXRUNTIME = all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+needs_onnxruntime = pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="int8 decoding needs onnxruntime")
+SAMPLES = DEFAULT_MODEL_DIR.parents[1] / "samples"
+
+
+def _relative_error(found: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((found - expected).norm() / expected.norm()).item()
+
+
+@needs_onnxruntime
+@pytest.mark.parametrize("rows", [0, 1, 7, 40])
+def test_int8_gemm_is_close_to_the_product(rows: int) -> None:
+    """An int8 ``Gemm`` adds its bias or the call's addend to ~``x @ weight``: within 2% (7-bit weights, 8-bit
+    inputs), where float32 is exact to 1e-5; a column of zeros stays exactly zero."""
+    generator = torch.Generator().manual_seed(11)
+    weight, bias = torch.randn(64, 48, generator=generator), torch.randn(48, generator=generator)
+    weight[:, 5] = 0.0
+    x, addend = torch.randn(rows, 64, generator=generator), torch.randn(rows, 48, generator=generator)
+    with torch.inference_mode():
+        with_bias = Gemm(weight, bias, "onnxruntime", "int8")(x)
+        with_addend = Gemm(weight, None, "onnxruntime", "int8")(x, addend)
+    assert with_bias.shape == with_addend.shape == (rows, 48)
+    if rows == 0:
+        return
+    assert _relative_error(with_bias - bias, x @ weight) < 0.02
+    assert _relative_error(with_addend - addend, x @ weight) < 0.02
+    assert torch.equal(with_bias[:, 5], bias[5].expand(rows))
+    assert not torch.allclose(with_bias, x @ weight + bias, atol=1e-5, rtol=0)  # it really is another product
+
+
+def test_precision_choice() -> None:
+    """float32 is the default and runs anywhere; int8 needs ONNX Runtime on the CPU and says so; unknown names raise."""
+    cpu = torch.device("cpu")
+    assert resolve_gemm_backend("auto", cpu) == resolve_gemm_backend("auto", cpu, torch.float32, "float32")
+    assert DECODER_PRECISIONS == ("float32", "int8")
+    with pytest.raises(ValueError, match="unknown decoder precision 'int4'"):
+        resolve_gemm_backend("auto", cpu, torch.float32, "int4")
+    with pytest.raises(ValueError, match="int8 decoding runs the decoder's products in ONNX Runtime on the CPU"):
+        resolve_gemm_backend("auto", torch.device("cuda"), torch.float32, "int8")
+    with pytest.raises(ValueError, match="not torch.float64 on cpu"):
+        resolve_gemm_backend("auto", cpu, torch.float64, "int8")
+    with pytest.raises(ValueError, match=", not torch"):
+        resolve_gemm_backend("torch", cpu, torch.float32, "int8")
+    if HAS_ONNXRUNTIME:
+        assert resolve_gemm_backend("auto", cpu, torch.float32, "int8") == "onnxruntime"
+
+
+def test_int8_without_onnxruntime_fails_when_the_captioner_is_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking for int8 where ONNX Runtime is missing fails at load, naming what is missing, not at the first image."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(fast_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(ValueError, match="onnxruntime and onnx are not installed"):
+        Captioner(tiny_model(seed=2), runtime="torch", decoder_precision="int8")
+    assert Captioner(tiny_model(seed=2), runtime="torch").decoder_precision == "float32"
+
+
+@needs_onnxruntime
+def test_int8_step_is_close_to_float32_and_decodes() -> None:
+    """The int8 fast step's logits stay within 5% of float32's; the search runs on it unchanged (beam and greedy:
+    every image gets its captions, best first)."""
+    model = tiny_model(conditioning="attention", cell="lstm", seed=7)
+    decoder, vocab = model.decoder.eval(), model.vocab
+    grid = torch.randn(4, 1280, 2, 2, generator=torch.Generator().manual_seed(3))
+    exact, int8 = fast_decoder(decoder), fast_decoder(decoder, "auto", "int8")
+    assert (exact.precision, int8.precision) == ("float32", "int8") and exact is not int8
+    assert fast_decoder(decoder, "auto", "int8") is int8  # cached per precision
+    with torch.inference_mode():
+        tokens = torch.tensor([vocab.start] * 4)
+        steps = []
+        for fast in (exact, int8):
+            memory, state = fast.memory_and_state(grid)
+            steps.append(fast.step(tokens, state, memory)[0])
+    assert 0 < _relative_error(steps[1], steps[0]) < 0.05
+    for options in (DecodingOptions(strategy="beam", beam_size=3, num_captions=3, max_length=8),
+                    DecodingOptions(strategy="greedy", max_length=8)):
+        results = decode(decoder, grid, vocab, options, "int8")
+        assert [len(hyps) for hyps in results] == [options.num_captions] * 4
+        for hyps in results:
+            assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+
+
+@needs_onnxruntime
+def test_ensemble_members_decode_in_the_asked_precision() -> None:
+    """An ensemble's members all step in the precision decode() is given."""
+    members = [tiny_model(seed=seed).decoder for seed in (1, 2)]
+    ensemble = DecoderEnsemble(members).eval()
+    assert [m.precision for m in ensemble.steps("int8").members] == ["int8", "int8"]
+    assert [m.precision for m in ensemble.steps().members] == ["float32", "float32"]
+    grid = torch.randn(2, 1280, 2, 2, generator=torch.Generator().manual_seed(4))
+    results = decode(ensemble, grid, tiny_model(seed=1).vocab, DecodingOptions(max_length=6), "int8")
+    assert len(results) == 2 and all(results)
+
+
+@needs_onnxruntime
+def test_precision_option_in_every_door(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Captioner.load``, ``captioner caption`` / ``evaluate`` / ``serve`` (``--decoder-precision``), the service's
+    ``CAPTIONER_DECODER_PRECISION`` and the Ray actors all reach decode() with the precision asked for; a bad value
+    is a usage error (exit 2) or a settings error naming it."""
+    seen: list[str] = []
+    original = fast_module.FastDecoder.__init__
+
+    def spy(self: object, decoder: object, gemm: str = "auto", precision: str = "float32") -> None:
+        seen.append(precision)
+        original(self, decoder, gemm, precision)
+
+    monkeypatch.setattr(fast_module.FastDecoder, "__init__", spy)
+    fast_module._CACHE.clear()
+    photo = sorted(SAMPLES.glob("*.jpg"))[0]
+
+    captioner = Captioner.load(tiny_model_dir, runtime="torch", decoder_precision="int8")
+    assert captioner.caption(photo)[0] and seen == ["int8"]
+
+    seen.clear()
+    out = tmp_path / "int8.jsonl"
+    assert main(["caption", str(photo), "--model", str(tiny_model_dir), "--runtime", "torch", "--decoder-precision",
+                 "int8", "--out", str(out), "--workers", "0", "--quiet"]) == 0  # fmt: skip
+    assert seen == ["int8"] and json.loads(out.read_text().splitlines()[0])["caption"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption", str(photo), "--model", str(tiny_model_dir), "--decoder-precision", "fp16"])
+    assert exit_info.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--annotations", str(tmp_path / "none.json"), "--decoder-precision", "fp16"])
+    assert exit_info.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
+
+    assert load_settings(environ={}).decoder_precision == "float32"
+    assert load_settings(environ={"CAPTIONER_DECODER_PRECISION": "int8"}).decoder_precision == "int8"
+    with pytest.raises(ValueError, match="decoder_precision must be one of float32, int8, got 'fp16'"):
+        Settings(decoder_precision="fp16")
+    from service.app import create_app
+    from service.routes.common import ENGINE_KEY
+
+    seen.clear()
+    app = create_app({"model": str(tiny_model_dir), "load_in_background": False, "runtime": "torch",
+                      "decoder_precision": "int8"})  # fmt: skip
+    try:
+        assert app.extensions[ENGINE_KEY].captioner.decoder_precision == "int8"
+        response = app.test_client().post("/v1/captions", data=photo.read_bytes(), content_type="image/jpeg")
+        assert response.status_code == 200, response.get_data(as_text=True)
+        assert "int8" in seen
+    finally:
+        app.extensions[ENGINE_KEY].close()
+
+    from service import production
+
+    passed: dict[str, str] = {}
+    monkeypatch.setattr(production, "serve", lambda bind, environ: passed.update(environ) or 0)
+    assert main(["serve", "--production", "--runtime", "torch", "--decoder-precision", "int8"]) == 0
+    assert passed["CAPTIONER_DECODER_PRECISION"] == "int8" and passed["CAPTIONER_RUNTIME"] == "torch"
+
+    from captioner.batch.ray_engine import CaptionImages, RaySettings
+
+    assert RaySettings().decoder_precision == "float32"
+    actor = CaptionImages(str(tiny_model_dir), runtime="torch", decoder_precision="int8")
+    assert actor.captioner.decoder_precision == "int8"
