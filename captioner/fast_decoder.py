@@ -64,12 +64,15 @@ def resolve_gemm_backend(
         raise ValueError(f"unknown decoder precision {precision!r} (expected one of {', '.join(DECODER_PRECISIONS)})")
     supported = torch.device(device).type == "cpu" and dtype == torch.float32
     installed = all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
-    if precision == "int8" and not (supported and installed and backend != "torch"):
-        raise ValueError(
-            "int8 decoding runs the decoder's products in ONNX Runtime on the CPU, with float32 weights: "
-            + ("onnxruntime and onnx are not installed" if not installed else f"not {dtype} on {device}")
-            + ("" if backend != "torch" else ", not torch")
-        )
+    if precision == "int8":
+        problem = (
+            "onnxruntime and onnx are not installed" if not installed
+            else f"the weights are {dtype} on {device}" if not supported
+            else "the torch backend was asked for" if backend == "torch"
+            else None
+        )  # fmt: skip
+        if problem:
+            raise ValueError(f"int8 decoding runs the decoder's products in ONNX Runtime on the CPU: {problem}")
     if backend == "onnxruntime" and not supported:
         raise ValueError(f"the onnxruntime matrix products take float32 weights on the CPU, not {dtype} on {device}")
     if backend == "auto":
