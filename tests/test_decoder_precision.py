@@ -102,6 +102,9 @@ def test_int8_step_is_close_to_float32_and_decodes() -> None:
         assert [len(hyps) for hyps in results] == [options.num_captions] * 4
         for hyps in results:
             assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        # decode() really stepped the int8 products: float32's log-probabilities are not int8's.
+        exact_results = decode(decoder, grid, vocab, options)
+        assert [h.log_prob for hs in results for h in hs] != [h.log_prob for hs in exact_results for h in hs]
 
 
 @needs_onnxruntime
