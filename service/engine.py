@@ -93,6 +93,7 @@ class Engine:
             "model ready",
             extra={"fields": {
                 "model": captioner.name, "version": captioner.version, "device": str(captioner.device),
+                "runtime": captioner.encode.name, "decoder_precision": captioner.decoder_precision,
                 "batching": settings.batching, "load_s": round(time.perf_counter() - started, 3),
                 "torch_threads": torch.get_num_threads(),
             }},

@@ -164,6 +164,8 @@ def test_precision_option_in_every_door(
                       "decoder_precision": "int8"})  # fmt: skip
     try:
         assert app.extensions[ENGINE_KEY].captioner.decoder_precision == "int8"
+        ready = app.test_client().get("/readyz").get_json()
+        assert (ready["runtime"], ready["decoder_precision"]) == ("torch", "int8")  # what the worker runs, shown
         response = app.test_client().post("/v1/captions", data=photo.read_bytes(), content_type="image/jpeg")
         assert response.status_code == 200, response.get_data(as_text=True)
         assert "int8" in seen

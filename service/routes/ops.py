@@ -29,6 +29,8 @@ def readyz() -> Response:
         "status": "ready",
         "model": {"name": captioner.name, "version": captioner.version},
         "device": str(captioner.device),
+        "runtime": captioner.encode.name,  # the encoder's
+        "decoder_precision": captioner.decoder_precision,
         "batching": eng.settings.batching,
         "options": captioner.options().to_json(),  # the model's recorded decoding options (the web page's start)
     })
