@@ -65,7 +65,8 @@ class Captioner:
         # Fail here, not at the first request, where the precision cannot run (int8 needs ONNX Runtime on a CPU).
         resolve_gemm_backend("auto", self.device, next(model.decoder.parameters()).dtype, decoder_precision)
         self.decoder_precision = decoder_precision
-        # The encoder in the chosen inference runtime (captioner.runtime); the decoder always runs in PyTorch.
+        # The encoder in the chosen inference runtime (captioner.runtime); the decoder steps through decoding.decode
+        # (its products in ONNX Runtime where installed, in decoder_precision).
         self.encode = load_runtime(model.encoder, model.preprocess.size, runtime, self.device)
 
     @classmethod
