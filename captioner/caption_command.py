@@ -42,7 +42,7 @@ from captioner.batch import (
 from captioner.decoding import OPTION_SPECS, DecodingOptions, OptionSpec, parse_option
 from captioner.distributed import Launch
 from captioner.errors import CaptionerError
-from captioner.fast_decoder import DECODER_PRECISIONS
+from captioner.fast_decoder import DECODER_PRECISION_HELP, DECODER_PRECISIONS
 from captioner.runtime import RUNTIME_CHOICES
 from captioner.tags import DEFAULT_NUM_TAGS
 
@@ -92,8 +92,7 @@ def add_decoder_precision_argument(parser: argparse.ArgumentParser, default: str
     """``--decoder-precision``, the same in every command that captions (``default`` None: the service's setting)."""
     shown = "float32" if default else "$CAPTIONER_DECODER_PRECISION, else float32"
     parser.add_argument("--decoder-precision", default=default, choices=DECODER_PRECISIONS,
-                        help=f"the decoder's products: float32 (the reference's captions) or int8 (faster on CPU with "
-                             f"onnxruntime; a few captions change) (default: {shown})")
+                        help=f"{DECODER_PRECISION_HELP} (default: {shown})")
 
 
 def _positive_int(text: str) -> int:

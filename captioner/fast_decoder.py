@@ -50,6 +50,10 @@ GEMM_BACKENDS = ("auto", "torch", "onnxruntime")
 # How precisely the step's products are computed: "float32" (the reference's captions) or "int8" (faster, a few
 # captions change; ONNX Runtime on the CPU only).
 DECODER_PRECISIONS = ("float32", "int8")
+DECODER_PRECISION_HELP = (
+    "the decoder's products: float32 (the reference's captions) or int8 (faster on CPU with onnxruntime; a few "
+    "captions change)"
+)
 
 
 def resolve_gemm_backend(

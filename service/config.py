@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from captioner.fast_decoder import DECODER_PRECISION_HELP
 from captioner.preprocess import DEFAULT_MAX_PIXELS
 
 MB = 1024 * 1024
@@ -61,9 +62,7 @@ class Settings:
         secret=True)
     runtime: str = _setting(
         "auto", "encoder runtime: auto (the fastest installed of openvino, onnxruntime), torch, openvino, onnxruntime")
-    decoder_precision: str = _setting(
-        "float32", "the decoder's products: float32 (the reference's captions) or int8 (faster on CPU with "
-                   "onnxruntime; a few captions change)")
+    decoder_precision: str = _setting("float32", DECODER_PRECISION_HELP)
 
     def __post_init__(self) -> None:
         positive = ("max_upload_bytes", "max_batch_upload_bytes", "max_pixels", "max_batch_files", "batch_max_size",
