@@ -17,6 +17,11 @@ Photos: the first ``--images`` Flickr8k photos when ``../shared`` is present, el
 
     .venv/bin/python benchmarks/ensemble.py
     .venv/bin/python benchmarks/ensemble.py --images 16 --repeats 7 --threads 1
+
+With ``--candidate DIR`` it compares two real models instead (e.g. a trained ensemble against the bundled model,
+each with its own decoding defaults), end to end and encode + decode, interleaved the same way:
+
+    .venv/bin/python benchmarks/ensemble.py --candidate runs/v4-ens2 --images 32 --repeats 5
 """
 
 from __future__ import annotations
@@ -51,18 +56,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each (the fastest is reported)")
     parser.add_argument("--runtime", default="auto", help="encoder runtime (default: auto, as the doors use)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--candidate", default=None, help="a model directory to time against --model instead")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.candidate:
+        compare_models(args)
+        return
 
     captioner = Captioner.load(args.model, runtime=args.runtime, allow_download=False)
     single = captioner.model.decoder
     if not isinstance(single, CaptionDecoder):
         parser.error("--model must hold a single decoder (this script builds the ensembles)")
     variants = {1: single} | {n: DecoderEnsemble([copy.deepcopy(single) for _ in range(n)]) for n in args.members}
-    photos = sorted(FLICKR.glob("*.jpg"))[: args.images] if FLICKR.is_dir() else []
-    photos = photos or sorted(SAMPLES.glob("*.jpg"))
-    photos = [photos[i % len(photos)] for i in range(args.images)]
+    photos = _photos(args.images)
     options = captioner.options()
     batch = torch.stack([captioner.load_tensor(p) for p in photos])
     with torch.inference_mode():
@@ -111,6 +118,56 @@ def main(argv: list[str] | None = None) -> None:
 
     show("wall time", times, lambda seconds: f"{args.images / seconds:6.1f} img/s")
     show("CPU time of the process", cpu_times, lambda seconds: f"{1000 * seconds / args.images:6.1f} ms/img")
+
+def compare_models(args: argparse.Namespace) -> None:
+    """Time ``args.model`` (the reference) and ``args.candidate`` side by side on the same photos."""
+    models = {
+        "reference": Captioner.load(args.model, runtime=args.runtime, allow_download=False),
+        "candidate": Captioner.load(args.candidate, runtime=args.runtime, allow_download=False),
+    }
+    photos = _photos(args.images)
+    batches = {name: torch.stack([c.load_tensor(p) for p in photos]) for name, c in models.items()}
+    kinds = ("end to end", "model")
+
+    def run(name: str, kind: str) -> None:
+        captioner = models[name]
+        if kind == "end to end":
+            captioner.caption(photos)
+        else:
+            captioner.caption_tensors(batches[name], captioner.options())
+
+    times: dict[tuple[str, str], list[float]] = {(k, n): [] for k in kinds for n in models}
+    cpu_times: dict[tuple[str, str], list[float]] = {(k, n): [] for k in kinds for n in models}
+    for kind in kinds:
+        for name in models:
+            run(name, kind)  # warm-up
+        for _ in range(args.repeats):
+            for name in models:  # interleaved
+                start, cpu_start = time.perf_counter(), time.process_time()
+                run(name, kind)
+                times[kind, name].append(time.perf_counter() - start)
+                cpu_times[kind, name].append(time.process_time() - cpu_start)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    for name, captioner in models.items():
+        members = getattr(captioner.model.decoder, "members", [captioner.model.decoder])
+        print(f"{name}: {captioner.name} v{captioner.version}, {len(members)} decoder(s), options "
+              f"{captioner.options().to_json()}, encoder runtime {type(captioner.encode).__name__}")
+    print(f"{args.images} photos, torch threads {torch.get_num_threads()}, load average {load:.2f}; "
+          f"fastest of {args.repeats}")
+    for kind in kinds:
+        ref, cand = min(times[kind, "reference"]), min(times[kind, "candidate"])
+        ref_cpu, cand_cpu = min(cpu_times[kind, "reference"]), min(cpu_times[kind, "candidate"])
+        print(f"  {kind:<10}: reference {args.images / ref:6.1f} img/s, candidate {args.images / cand:6.1f} img/s "
+              f"({cand / ref:.2f}x the time); CPU {1000 * ref_cpu / args.images:.1f} vs "
+              f"{1000 * cand_cpu / args.images:.1f} ms/img ({cand_cpu / ref_cpu:.2f}x)")
+
+
+def _photos(count: int) -> list[Path]:
+    """``count`` photo files: the first Flickr8k photos when ``../shared`` is present, else the samples, repeated."""
+    photos = sorted(FLICKR.glob("*.jpg"))[:count] if FLICKR.is_dir() else []
+    photos = photos or sorted(SAMPLES.glob("*.jpg"))
+    return [photos[i % len(photos)] for i in range(count)]
+
 
 if __name__ == "__main__":
     main()
