@@ -11,6 +11,14 @@ log-probabilities averaged at every step. They must share the encoder, the prepr
 them with the same data and encoder settings, e.g. other seeds); the first model gives the name and defaults:
 
     .venv/bin/python scripts/ship_model.py runs/a/best runs/b/best runs/c/best --version 4 --set beam_size=5
+
+An ensemble has no training run of its own, so no test scores of its own (each member's stay under
+``training.members``). ``--metrics SPLIT=FILE`` records a ``captioner evaluate`` of the same models with the shipped
+decoding (its ``metrics.json``) as the shipped ``metrics.final.SPLIT``, as training records a single model's:
+
+    .venv/bin/python scripts/ship_model.py runs/a/best runs/b/best --version 4 --out runs/ab
+    captioner evaluate --model runs/ab --annotations data/flickr8k/captions_test.json --out-dir eval/ab-test
+    .venv/bin/python scripts/ship_model.py runs/a/best runs/b/best --version 4 --metrics test=eval/ab-test/metrics.json
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", help="default decoding option")
     parser.add_argument("--version", default=None, help="version to record (default: the (first) trained model's)")
+    parser.add_argument("--metrics", action="append", default=[], metavar="SPLIT=FILE",
+                        help="record a `captioner evaluate` metrics.json of these models as metrics.final.SPLIT")
     args = parser.parse_args(argv)
 
     try:
@@ -57,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.set:
             key, _, value = item.partition("=")
             model.decoding[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
-        DecodingOptions(**model.decoding)  # validate before writing anything
+        shipped = DecodingOptions(**model.decoding)  # validate before writing anything
+        for item in args.metrics:
+            split, metrics = read_metrics(item, shipped)
+            model.metrics.setdefault("final", {})[split] = metrics
     except (CaptionerError, TypeError, ValueError) as exc:
         print(f"ship_model: cannot ship {' '.join(map(str, args.models))}: {exc}", file=sys.stderr)
         return 2
@@ -71,6 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shipped {' '.join(map(str, args.models))} -> {args.out}{members} ({size / 1e6:.1f} MB), "
           f"decoding defaults {model.decoding}")
     return 0
+
+
+def read_metrics(item: str, shipped: DecodingOptions) -> tuple[str, dict[str, float]]:
+    """``SPLIT=FILE`` -> (split, the metrics of that ``metrics.json``); ValueError unless it scored ``shipped``."""
+    split, _, file = item.partition("=")
+    if not split or not file:
+        raise ValueError(f"--metrics takes SPLIT=FILE (e.g. test=eval/test/metrics.json), got {item!r}")
+    try:
+        record = json.loads(Path(file).read_text())
+        metrics, decoding = record["metrics"], DecodingOptions(**record["decoding"])
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file} is not a metrics.json of captioner evaluate ({exc})") from None
+    if decoding != shipped:
+        raise ValueError(f"{file} scored the decoding {decoding.to_json()}, not the shipped {shipped.to_json()}")
+    return split, metrics
 
 
 if __name__ == "__main__":

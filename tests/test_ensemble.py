@@ -240,8 +240,6 @@ def test_single_decoder_directories_load_unchanged(tiny_model_dir: Path) -> None
     config = read_config(tiny_model_dir)
     assert "decoders" not in config and "decoder" in config
     assert isinstance(load_model(tiny_model_dir).decoder, CaptionDecoder)
-    bundled = read_config(Path(__file__).resolve().parents[1] / "captioner" / "models" / "default")
-    assert "decoders" not in config and isinstance(bundled["decoder"], dict)
 
 
 def test_ensemble_of_refuses_models_that_do_not_share_encoder_preprocessing_or_vocabulary() -> None:
@@ -362,3 +360,37 @@ def test_every_door_decodes_the_ensemble(ensemble_dir: Path, photos: list[Path],
                  str(photos[0].parent), "--out-dir", str(tmp_path / "eval"), "--metrics", "bleu",
                  "--python-tokenizer", "--workers", "0", "--device", "cpu", "--runtime", "torch"]) == 0
     assert load_results(tmp_path / "eval" / "results.json") == dict(enumerate(texts))
+
+
+def test_ship_model_records_the_ensembles_own_evaluation(
+    photos: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--metrics test=FILE``: a ``captioner evaluate`` of the shipped decoding becomes ``metrics.final.test``."""
+    base = varied_tiny_model()
+    runs = [str(save_model(_model(tiny_decoder(seed), base), tmp_path / f"run{seed}")) for seed in (1, 2)]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _ship_model([*runs, "--out", str(first), "--set", "beam_size=2"]) == 0
+    assert load_model(first).metrics == {}
+    annotations = tmp_path / "captions.json"
+    annotations.write_text(json.dumps({
+        "images": [{"id": i, "file_name": p.name} for i, p in enumerate(photos)],
+        "annotations": [{"id": i, "image_id": i, "caption": "a dog runs on the grass"} for i in range(len(photos))],
+    }))
+    assert main(["evaluate", "--model", str(first), "--annotations", str(annotations), "--images",
+                 str(photos[0].parent), "--out-dir", str(tmp_path / "eval"), "--metrics", "bleu",
+                 "--python-tokenizer", "--workers", "0", "--device", "cpu", "--runtime", "torch"]) == 0
+    evaluation = tmp_path / "eval" / "metrics.json"
+    capsys.readouterr()
+
+    argv = [*runs, "--out", str(second), "--set", "beam_size=2", "--metrics", f"test={evaluation}"]
+    assert _ship_model(argv) == 0
+    assert load_model(second).metrics == {"final": {"test": json.loads(evaluation.read_text())["metrics"]}}
+    assert sha256_file(second / WEIGHTS_FILE) == sha256_file(first / WEIGHTS_FILE)  # the models it scored
+    # Scores of another decoding, or no file, are refused with one line and nothing written.
+    for bad, message in (([*runs, "--set", "beam_size=3", "--metrics", f"test={evaluation}"], "not the shipped"),
+                         ([*runs, "--metrics", "test"], "SPLIT=FILE"),
+                         ([*runs, "--metrics", f"test={annotations}"], "not a metrics.json")):
+        assert _ship_model([*bad, "--out", str(tmp_path / "refused")]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and message in error, error
+        assert not (tmp_path / "refused").exists()

@@ -86,7 +86,7 @@ def test_bundled_model_head_is_the_pretrained_files_classifier(default_captioner
     assert torch.equal(head.classifier.weight, state["_fc.weight"])
     assert torch.equal(head.classifier.bias, state["_fc.bias"])
     with safe_open(str(DEFAULT_MODEL_DIR / "model.safetensors"), "pt") as f:
-        assert not [key for key in f.keys() if not key.startswith("decoder.")]  # no stored encoder, no stored head
+        assert not [key for key in f.keys() if not key.startswith("decoders.")]  # no stored encoder, no stored head
 
 
 def test_tags_from_the_grid_match_the_whole_classifier(default_captioner: Captioner) -> None:
