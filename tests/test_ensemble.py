@@ -351,15 +351,21 @@ def test_every_door_decodes_the_ensemble(ensemble_dir: Path, photos: list[Path],
     finally:
         app.extensions[ENGINE_KEY].close()
 
-    annotations = tmp_path / "captions.json"  # a COCO file over the same photos
+    _evaluate(ensemble_dir, photos, tmp_path)
+    assert load_results(tmp_path / "eval" / "results.json") == dict(enumerate(texts))
+
+
+def _evaluate(model_dir: Path, photos: list[Path], tmp_path: Path) -> Path:
+    """``captioner evaluate`` of ``model_dir`` on ``photos`` (one reference caption each) into tmp_path/eval."""
+    annotations = tmp_path / "captions.json"  # a COCO file over the photos
     annotations.write_text(json.dumps({
         "images": [{"id": i, "file_name": p.name} for i, p in enumerate(photos)],
         "annotations": [{"id": i, "image_id": i, "caption": "a dog runs on the grass"} for i in range(len(photos))],
     }))
-    assert main(["evaluate", "--model", str(ensemble_dir), "--annotations", str(annotations), "--images",
+    assert main(["evaluate", "--model", str(model_dir), "--annotations", str(annotations), "--images",
                  str(photos[0].parent), "--out-dir", str(tmp_path / "eval"), "--metrics", "bleu",
                  "--python-tokenizer", "--workers", "0", "--device", "cpu", "--runtime", "torch"]) == 0
-    assert load_results(tmp_path / "eval" / "results.json") == dict(enumerate(texts))
+    return tmp_path / "eval" / "metrics.json"
 
 
 def test_ship_model_records_the_ensembles_own_evaluation(
@@ -371,15 +377,7 @@ def test_ship_model_records_the_ensembles_own_evaluation(
     first, second = tmp_path / "first", tmp_path / "second"
     assert _ship_model([*runs, "--out", str(first), "--set", "beam_size=2"]) == 0
     assert load_model(first).metrics == {}
-    annotations = tmp_path / "captions.json"
-    annotations.write_text(json.dumps({
-        "images": [{"id": i, "file_name": p.name} for i, p in enumerate(photos)],
-        "annotations": [{"id": i, "image_id": i, "caption": "a dog runs on the grass"} for i in range(len(photos))],
-    }))
-    assert main(["evaluate", "--model", str(first), "--annotations", str(annotations), "--images",
-                 str(photos[0].parent), "--out-dir", str(tmp_path / "eval"), "--metrics", "bleu",
-                 "--python-tokenizer", "--workers", "0", "--device", "cpu", "--runtime", "torch"]) == 0
-    evaluation = tmp_path / "eval" / "metrics.json"
+    evaluation = _evaluate(first, photos, tmp_path)
     capsys.readouterr()
 
     argv = [*runs, "--out", str(second), "--set", "beam_size=2", "--metrics", f"test={evaluation}"]
@@ -389,7 +387,7 @@ def test_ship_model_records_the_ensembles_own_evaluation(
     # Scores of another decoding, or no file, are refused with one line and nothing written.
     for bad, message in (([*runs, "--set", "beam_size=3", "--metrics", f"test={evaluation}"], "not the shipped"),
                          ([*runs, "--metrics", "test"], "SPLIT=FILE"),
-                         ([*runs, "--metrics", f"test={annotations}"], "not a metrics.json")):
+                         ([*runs, "--metrics", f"test={tmp_path / 'captions.json'}"], "not a metrics.json")):
         assert _ship_model([*bad, "--out", str(tmp_path / "refused")]) == 2
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and message in error, error
