@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.api import Captioner  # noqa: E402
 from captioner.decoding import _decode_group, decode  # noqa: E402
+from captioner.model import CaptionDecoder  # noqa: E402
 from captioner.runtime import RUNTIMES, TorchRuntime, installed, resolve_runtime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,10 @@ class AutocastRuntime:
 
 
 def load_baseline_decoder(ref: str, captioner: Captioner) -> Callable[[torch.Tensor, object], list] | None:
-    """``decode`` as it was at git commit ``ref``, on a decoder with the same weights; None without git or ref."""
+    """``decode`` as it was at git commit ``ref``, on a decoder with the same weights; None without git or ref, and
+    for an ensemble model (the bundled v4): that commit decoded one decoder."""
+    if not isinstance(captioner.model.decoder, CaptionDecoder):
+        return None
     modules = {}
     for name in ("model", "decoding"):
         try:
