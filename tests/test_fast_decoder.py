@@ -162,11 +162,19 @@ def test_gemm_is_the_matrix_product(gemm: str, rows: int) -> None:
     assert with_bias.shape == with_addend.shape == (rows, 10)
 
 
-def test_gemm_backend_choice() -> None:
-    """"auto" is ONNX Runtime for float32 on CPU where it is installed, torch otherwise; unknown or impossible
-    choices raise."""
+def test_gemm_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"auto" is ONNX Runtime for float32 on CPU where it is installed, but not on Intel CPUs (MKL is as fast there),
+    torch otherwise; unknown or impossible choices raise."""
     cpu = torch.device("cpu")
+    vendor = fast_module.cpu_vendor()
+    assert isinstance(vendor, str) and " " not in vendor  # e.g. "GenuineIntel", "AuthenticAMD"; "" off Linux
+    monkeypatch.setattr(fast_module, "cpu_vendor", lambda: "AuthenticAMD")
     assert resolve_gemm_backend("auto", cpu) == ("onnxruntime" if HAS_ONNXRUNTIME else "torch")
+    monkeypatch.setattr(fast_module, "cpu_vendor", lambda: "GenuineIntel")
+    assert resolve_gemm_backend("auto", cpu) == "torch"
+    assert resolve_gemm_backend("onnxruntime", cpu) == "onnxruntime"  # asked for by name: still given
+    if HAS_ONNXRUNTIME:  # int8 runs in ONNX Runtime on every CPU
+        assert resolve_gemm_backend("auto", cpu, torch.float32, "int8") == "onnxruntime"
     assert resolve_gemm_backend("auto", torch.device("cuda")) == "torch"
     assert resolve_gemm_backend("torch", cpu) == "torch"
     with pytest.raises(ValueError, match="unknown matrix-product backend 'mkl'"):
