@@ -4,8 +4,8 @@ An ensemble's encoder runs once; its decoder runs once per member at every step 
 script loads a model (the bundled one by default), builds ensembles of ``--members`` copies of its decoder (of its
 first decoder when the model is itself an ensemble, as the bundled v4 is; copies give the same captions as the
 decoder alone, so the searches do the same work and only the member count differs), and times, for each, side by
-side in one run (the variants interleaved in every repeat; the fastest of the repeats
-is reported, since other processes on the machine only ever add time):
+side in one run (the variants interleaved in every repeat; the fastest of the repeats is reported, since other
+processes on the machine only ever add time):
 
   end to end   ``Captioner.caption`` on the photo files: read, preprocess, encode, decode;
   model        ``Captioner.caption_tensors`` on preprocessed images: encode + decode;

@@ -35,6 +35,7 @@ training's validation decodes with the current weights.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import weakref
 
@@ -57,6 +58,7 @@ DECODER_PRECISION_HELP = (
 )
 
 
+@functools.cache  # the machine does not change, and every Gemm of every decoder asks
 def cpu_vendor() -> str:
     """The CPU's vendor as Linux reports it ("GenuineIntel", "AuthenticAMD", ...); "" where it cannot be read."""
     try:
