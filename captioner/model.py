@@ -144,25 +144,40 @@ class CaptionDecoder(nn.Module):
         top, state, alpha = self._recur(self.dropout(self.embed(tokens)), state, memory)
         return self.classifier(self.dropout(top)), state, alpha
 
-    def forward_from(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor | None]:
+    def forward_from(
+        self, tokens: Tensor, state: State, memory: Memory, sample_prob: float = 0.0
+    ) -> tuple[Tensor, State, Tensor | None]:
         """Teacher-forced pass over ``tokens`` (batch, T) from a given state (truncated backprop continues from it).
 
-        Returns logits (batch, T, vocab), the final state and attention weights (batch, T, N) or None.
+        With ``sample_prob`` > 0 (scheduled sampling, Bengio et al. 2015) each row's input after the first step is,
+        with that probability, a word sampled from the decoder's own previous prediction instead of the reference's,
+        so training sees the model's own mistakes as it will when decoding. Returns logits (batch, T, vocab), the
+        final state and attention weights (batch, T, N) or None.
         """
         embedded = self.dropout(self.embed(tokens))
         tops, alphas = [], []
         for t in range(tokens.size(1)):
-            top, state, alpha = self._recur(embedded[:, t], state, memory)
+            word = embedded[:, t]
+            if sample_prob > 0 and t > 0:
+                with torch.no_grad():  # the choice of input is not differentiated through
+                    previous = self.classifier(self.dropout(tops[-1])).float().softmax(dim=1)
+                    sampled = torch.multinomial(previous, 1).squeeze(1)
+                    use_own = torch.rand(tokens.size(0), device=tokens.device) < sample_prob
+                word = torch.where(use_own.unsqueeze(1), self.dropout(self.embed(sampled)), word)
+            top, state, alpha = self._recur(word, state, memory)
             tops.append(top)
             if alpha is not None:
                 alphas.append(alpha)
         logits = self.classifier(self.dropout(torch.stack(tops, dim=1)))
         return logits, state, (torch.stack(alphas, dim=1) if alphas else None)
 
-    def forward(self, grid: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Teacher forcing: logits for predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]`` are returned for all T."""
+    def forward(self, grid: Tensor, tokens: Tensor, sample_prob: float = 0.0) -> tuple[Tensor, Tensor | None]:
+        """Teacher forcing: logits for predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]`` are returned for all T.
+
+        ``sample_prob``: scheduled sampling's probability of feeding the decoder's own word (see ``forward_from``).
+        """
         memory, state = self.memory_and_state(grid)
-        logits, _, alphas = self.forward_from(tokens, state, memory)
+        logits, _, alphas = self.forward_from(tokens, state, memory, sample_prob)
         return logits, alphas
 
 

