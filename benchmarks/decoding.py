@@ -9,8 +9,9 @@ trigrams, at most 20 words) by
   this tree's beam search stepping ``CaptionDecoder.step`` itself where git or the commit is missing;
 * **fast**: this tree's :func:`captioner.decoding.decode`, which steps the inference fast path of
   ``captioner/fast_decoder.py``;
-* **fast int8**: the same with ``precision="int8"`` (the step's products in int8, ONNX Runtime): not exact, so
-  some captions differ; ``benchmarks/runtime_captions.py --decoder-precisions`` scores what that does to CIDEr;
+* **fast int8** / **fast bfloat16**: the same with ``precision="int8"`` (the step's products in int8, ONNX
+  Runtime) or ``"bfloat16"`` (oneDNN's bfloat16 kernels, on CPUs with AMX or AVX-512 BF16): not exact, so some
+  captions differ; ``benchmarks/runtime_captions.py --decoder-precisions`` scores what that does to CIDEr;
 
 at batch 32 (the batch command, the features cache) over all the photos and at batch 1 (one HTTP request) over the
 first ``--single`` of them, the paths taking turns on every batch so that other processes' load falls on all alike.
@@ -98,8 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of each (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--baseline", default="f483925", help="git commit whose decoder is the plain path")
-    parser.add_argument("--precisions", nargs="+", default=["float32", "int8"], choices=DECODER_PRECISIONS,
-                        help="the fast path's decoder precisions to time (default: both; int8 needs onnxruntime)")
+    parser.add_argument("--precisions", nargs="+", default=list(DECODER_PRECISIONS), choices=DECODER_PRECISIONS,
+                        help="the fast path's decoder precisions to time (default: all; those this machine cannot "
+                        "run are skipped, saying why)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         decoders["fast" if precision == "float32" else f"fast {precision}"] = fast_in(precision)
     print(f"{len(photos)} Flickr8k test photos, grid {tuple(grids.shape[1:])}; decoding {options}")
     print(f"torch threads {torch.get_num_threads()}; load average before: {load_average()}", flush=True)
-    print(f"plain: {plain_name}; fast: this tree's decode() (float32: the same captions; int8: a few change)")
+    print(f"plain: {plain_name}; fast: this tree's decode() (float32: the same captions; bfloat16, int8: a few change)")
     for batch_size, grid in ((args.batch_size, grids), (1, grids[: args.single])):
         for fn in decoders.values():
             fn(grid[:batch_size])  # builds the tables and sessions once, outside the timing

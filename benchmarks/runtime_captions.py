@@ -4,8 +4,8 @@ For each installed runtime (``--runtimes``), the bundled model (or ``--model``) 
 split with its default decoding, through ``training.evaluation.evaluate_model`` (the ``captioner evaluate`` path).
 It prints each runtime's scores and images/s (and its ratio to the first runtime's, measured in the same run), and
 how many captions differ from the first run's (the reference, torch). The issue's targets: at most 0.5% of
-captions differ, CIDEr within 0.2. ``--decoder-precisions float32 int8`` runs each runtime with each decoder
-precision (int8: not exact; its target is CIDEr within 0.3).
+captions differ, CIDEr within 0.2. ``--decoder-precisions float32 bfloat16 int8`` runs each runtime with each
+decoder precision (bfloat16, int8: not exact; their target is CIDEr within 0.3).
 
     captioner prepare flickr8k --root ../shared/data/flickr8k --out /tmp/f8k
     .venv/bin/python benchmarks/runtime_captions.py --annotations /tmp/f8k/captions_test.json

@@ -82,8 +82,9 @@ class Captioner:
         """Load a model directory (the bundled default model when ``path`` is None).
 
         ``runtime`` runs the encoder: "torch", "openvino", "onnxruntime" or "auto" (the fastest installed one).
-        ``decoder_precision``: "float32" (the default; the reference's captions) or "int8" (the decoder's products
-        in int8, ONNX Runtime on the CPU: faster, a few captions change; see the README's "Decoder precision").
+        ``decoder_precision``: "float32" (the default; the reference's captions), "bfloat16" (the decoder's
+        products in bfloat16: CPUs with AMX or AVX-512 BF16, GPUs) or "int8" (in int8, ONNX Runtime on the CPU):
+        faster, a few captions change; see the README's "Decoder precision".
         """
         if path is None:
             path = DEFAULT_MODEL_DIR

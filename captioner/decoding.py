@@ -182,7 +182,7 @@ def decode(
     ``grid`` are decoded as one batch, so an image's captions never depend on what else is in the batch.
     ``decoder`` may be a :class:`~captioner.ensemble.DecoderEnsemble`: the same search, on averaged log-probabilities.
     ``precision`` is the eval-mode fast path's (:data:`~captioner.fast_decoder.DECODER_PRECISIONS`): "float32" gives
-    the reference's captions, "int8" is faster and changes a few.
+    the reference's captions, "bfloat16" and "int8" are faster and change a few.
     """
     per_image = [options] * grid.size(0) if isinstance(options, DecodingOptions) else list(options)
     if len(per_image) != grid.size(0):
