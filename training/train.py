@@ -556,8 +556,10 @@ def scst_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
         loss.backward()
         optimizer_step(run, sync=True)
         losses.append(float(loss.detach()))
-        report_step(run, bar, {"reward": f"{reward:.3f}", "baseline": f"{baseline:.3f}"},
-                    {"scst/sample_reward": reward, "scst/baseline_reward": baseline})
+        shown, scalars = {"reward": f"{reward:.3f}"}, {"scst/sample_reward": reward}
+        if config.scst.baseline == "greedy":  # the mean of the other samples' means is the mean reward itself
+            shown["greedy"], scalars["scst/baseline_reward"] = f"{baseline:.3f}", baseline
+        report_step(run, bar, shown, scalars)
     return losses
 
 
