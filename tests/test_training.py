@@ -271,6 +271,27 @@ def test_scheduled_sampling_feeds_the_decoders_own_words() -> None:
         check_config(load_config(None, ["train.scheduled_sampling=0.2", "train.tbptt=5"]), Launch())
 
 
+def test_scheduled_sampling_reaches_the_decoder_in_training(
+    tmp_path: Path, data: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run with ``train.scheduled_sampling`` feeds the decoder each epoch's probability (0, then up to the
+    maximum), and trains and ships a loadable model."""
+    seen: list[tuple[int, float]] = []
+    original = CaptionDecoder.forward_from
+
+    def spy(self: CaptionDecoder, tokens: torch.Tensor, state: tuple, memory: tuple, sample_prob: float = 0.0):
+        if self.training:
+            seen.append(sample_prob)
+        return original(self, tokens, state, memory, sample_prob)
+
+    monkeypatch.setattr(CaptionDecoder, "forward_from", spy)
+    config = load_config(tiny_config(tmp_path, data, train={"epochs": 3, "scheduled_sampling": 0.5}))
+    best = train(config, tmp_path / "run")
+    assert sorted(set(seen)) == [0.0, 0.25, 0.5] and seen == sorted(seen)  # epoch by epoch: 0, 0.25, 0.5
+    assert "scheduled_sampling = 0.5" in (tmp_path / "run" / "config.toml").read_text()
+    assert Captioner.load(best).caption([data["images"] / "red_square_0.png"], strategy="greedy")[0][0].text
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun test written for Linux")
 def test_torchrun_two_cpu_processes(tmp_path: Path, data: dict[str, Path]) -> None:
     config_file = tiny_config(tmp_path, data, train={"epochs": 2})
