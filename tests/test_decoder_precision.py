@@ -38,44 +38,29 @@ def _relative_error(found: torch.Tensor, expected: torch.Tensor) -> float:
     return ((found - expected).norm() / expected.norm()).item()
 
 
-@needs_onnxruntime
+# Per reduced precision: who multiplies, and how close to float32 its products must come.
+GEMM_TOLERANCE = {"int8": ("onnxruntime", 0.02), "bfloat16": ("torch", 0.01)}
+
+
+@pytest.mark.parametrize("precision", REDUCED)
 @pytest.mark.parametrize("rows", [0, 1, 7, 40])
-def test_int8_gemm_is_close_to_the_product(rows: int) -> None:
-    """An int8 ``Gemm`` adds its bias or the call's addend to ~``x @ weight``: within 2% (7-bit weights, 8-bit
-    inputs), where float32 is exact to 1e-5; a column of zeros stays exactly zero."""
+def test_reduced_gemm_is_close_to_the_product(precision: str, rows: int) -> None:
+    """An int8 ``Gemm`` (ONNX Runtime; 7-bit weights, 8-bit inputs) or a bfloat16 one (oneDNN's prepacked kernel;
+    8-bit mantissas) adds its bias or the call's addend to ~``x @ weight``: within 2% and 1%, where float32 is
+    exact to 1e-5; the bias is added in float32 and a column of zeros stays exactly zero."""
+    backend, tolerance = GEMM_TOLERANCE[precision]
     generator = torch.Generator().manual_seed(11)
     weight, bias = torch.randn(64, 48, generator=generator), torch.randn(48, generator=generator)
     weight[:, 5] = 0.0
     x, addend = torch.randn(rows, 64, generator=generator), torch.randn(rows, 48, generator=generator)
     with torch.inference_mode():
-        with_bias = Gemm(weight, bias, "onnxruntime", "int8")(x)
-        with_addend = Gemm(weight, None, "onnxruntime", "int8")(x, addend)
-    assert with_bias.shape == with_addend.shape == (rows, 48)
-    if rows == 0:
-        return
-    assert _relative_error(with_bias - bias, x @ weight) < 0.02
-    assert _relative_error(with_addend - addend, x @ weight) < 0.02
-    assert torch.equal(with_bias[:, 5], bias[5].expand(rows))
-    assert not torch.allclose(with_bias, x @ weight + bias, atol=1e-5, rtol=0)  # it really is another product
-
-
-@needs_bfloat16
-@pytest.mark.parametrize("rows", [0, 1, 7, 40])
-def test_bfloat16_gemm_is_close_to_the_product(rows: int) -> None:
-    """A bfloat16 ``Gemm`` (oneDNN's prepacked kernel) adds its bias or the call's addend to ~``x @ weight``: within
-    1% (8-bit mantissas), the bias itself added in float32."""
-    generator = torch.Generator().manual_seed(12)
-    weight, bias = torch.randn(64, 48, generator=generator), torch.randn(48, generator=generator)
-    weight[:, 5] = 0.0
-    x, addend = torch.randn(rows, 64, generator=generator), torch.randn(rows, 48, generator=generator)
-    with torch.inference_mode():
-        with_bias = Gemm(weight, bias, "torch", "bfloat16")(x)
-        with_addend = Gemm(weight, None, "torch", "bfloat16")(x, addend)
+        with_bias = Gemm(weight, bias, backend, precision)(x)
+        with_addend = Gemm(weight, None, backend, precision)(x, addend)
     assert with_bias.shape == with_addend.shape == (rows, 48) and with_bias.dtype == torch.float32
     if rows == 0:
         return
-    assert _relative_error(with_bias - bias, x @ weight) < 0.01
-    assert _relative_error(with_addend - addend, x @ weight) < 0.01
+    assert _relative_error(with_bias - bias, x @ weight) < tolerance
+    assert _relative_error(with_addend - addend, x @ weight) < tolerance
     assert torch.equal(with_bias[:, 5], bias[5].expand(rows))
     assert not torch.allclose(with_bias, x @ weight + bias, atol=1e-5, rtol=0)  # it really is another product
 
