@@ -154,10 +154,14 @@ class Gemm:
     def __init__(self, weight: Tensor, bias: Tensor | None, backend: str, precision: str = "float32") -> None:
         self.weight, self.bias = weight, bias
         self.session = _onnxruntime_gemm(weight, bias, precision) if backend == "onnxruntime" else None
-        self.bf16 = weight.to(torch.bfloat16) if precision == "bfloat16" else None
-        self.packed = None
-        if self.bf16 is not None and weight.device.type == "cpu":
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.bf16.t().contiguous())  # (N, K) for oneDNN
+        # bfloat16: on the CPU only the prepacked copy is kept, on a GPU the plain one (its kernels need no packing).
+        self.packed = self.bf16 = None
+        if precision == "bfloat16":
+            bf16 = weight.to(torch.bfloat16)
+            if weight.device.type == "cpu":
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(bf16.t().contiguous())  # (N, K) for oneDNN
+            else:
+                self.bf16 = bf16
 
     def __call__(self, x: Tensor, addend: Tensor | None = None) -> Tensor:
         """``x`` (rows, K) times the weight, plus the bias or ``addend`` (rows, N)."""
@@ -167,7 +171,7 @@ class Gemm:
         if self.packed is not None:
             product = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, None, "none", [], "")
             return product.float().add_(addend)
-        if self.bf16 is not None:  # a GPU's bfloat16 kernels need no packing
+        if self.bf16 is not None:
             return torch.mm(x.to(torch.bfloat16), self.bf16).float().add_(addend)
         if self.session is None:
             return torch.addmm(addend, x, self.weight)
