@@ -2,7 +2,7 @@
 
 An ensemble's encoder runs once; its decoder runs once per member at every step (captioner/ensemble.py). This
 script loads a model (the bundled one by default), builds ensembles of ``--members`` copies of its decoder (of its
-first decoder when the model is itself an ensemble, as the bundled v4 is; copies give the same captions as the
+first decoder when the model is itself an ensemble, as the bundled v5 is; copies give the same captions as the
 decoder alone, so the searches do the same work and only the member count differs), and times, for each, side by
 side in one run (the variants interleaved in every repeat; the fastest of the repeats is reported, since other
 processes on the machine only ever add time):
@@ -20,7 +20,7 @@ Photos: the first ``--images`` Flickr8k photos when ``../shared`` is present, el
     .venv/bin/python benchmarks/ensemble.py --images 16 --repeats 7 --threads 1
 
 With ``--candidate DIR`` it compares two real models instead (``--model`` the reference, each with its own decoding
-defaults), end to end and encode + decode, interleaved the same way; e.g. the bundled v4 against v3 (the bundled
+defaults), end to end and encode + decode, interleaved the same way; e.g. the bundled v5 against v3 (the bundled
 model before commit "Default model v4", taken from git):
 
     git worktree add /tmp/v3 bf48aa4
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     captioner = Captioner.load(args.model, runtime=args.runtime, allow_download=False)
     bundled = captioner.model.decoder
-    # An ensemble model (the bundled v4 is one) is timed through its first member: copies of one decoder.
+    # An ensemble model (the bundled v5 is one) is timed through its first member: copies of one decoder.
     single = bundled if isinstance(bundled, CaptionDecoder) else bundled.members[0]
     variants = {1: single} | {n: DecoderEnsemble([copy.deepcopy(single) for _ in range(n)]) for n in args.members}
     photos = _photos(args.images)

@@ -103,7 +103,7 @@ class AutocastRuntime:
 
 def load_baseline_decoder(ref: str, captioner: Captioner) -> Callable[[torch.Tensor, object], list] | None:
     """``decode`` as it was at git commit ``ref``, on a decoder with the same weights; None without git or ref, and
-    for an ensemble model (the bundled v4): that commit decoded one decoder."""
+    for an ensemble model (the bundled v4 and v5): that commit decoded one decoder."""
     if not isinstance(captioner.model.decoder, CaptionDecoder):
         return None
     modules = {}
