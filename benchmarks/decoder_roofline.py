@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decoding import load_average, test_photos  # noqa: E402
+from decoding import encode_photos, load_average, test_photos  # noqa: E402
 
 from captioner.api import Captioner  # noqa: E402
 from captioner.decoding import decode  # noqa: E402
@@ -125,11 +125,7 @@ def main(argv: list[str] | None = None) -> None:
 
     captioner = Captioner.load(args.model, allow_download=False)
     options = captioner.options()
-    with torch.inference_mode():
-        grids = torch.cat([
-            captioner.encode(torch.stack([captioner.load_tensor(p) for p in photos[i : i + 32]]))
-            for i in range(0, len(photos), 32)
-        ]).float()  # fmt: skip
+    grids = encode_photos(captioner, photos)
     decoder, vocab = captioner.model.decoder, captioner.vocab
     print(f"{len(photos)} Flickr8k test photos; decoding {options}; torch threads {torch.get_num_threads()}; "
           f"load average {load_average()}")  # fmt: skip
