@@ -108,7 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--single", type=int, default=16, help="of which decoded one at a time (batch 1)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the fastest is reported)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core, one part)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: one core, one part; with more, decode runs parts side by side "
+        "and the products' summed times overlap)",
+    )
     parser.add_argument(
         "--precisions",
         nargs="+",
