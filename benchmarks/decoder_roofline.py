@@ -35,11 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decoding import encode_photos, load_average, test_photos  # noqa: E402
+from decoding import add_photo_arguments, encode_photos, load_average, runnable_precisions, test_photos  # noqa: E402
 
 from captioner.api import Captioner  # noqa: E402
 from captioner.decoding import decode  # noqa: E402
-from captioner.fast_decoder import Gemm, resolve_gemm_backend  # noqa: E402
+from captioner.fast_decoder import Gemm  # noqa: E402
 
 BYTES = {"float32": 4, "bfloat16": 2}  # bytes per weight element as the product reads it
 
@@ -103,10 +103,7 @@ class CountedGemm:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model directory (default: the bundled model)")
-    parser.add_argument("--images", type=int, default=64, help="test photos decoded at --batch-size")
-    parser.add_argument("--single", type=int, default=16, help="of which decoded one at a time (batch 1)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_photo_arguments(parser, images=64, single=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the fastest is reported)")
     parser.add_argument(
         "--threads",
@@ -139,12 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     print(f"measured ceilings: fp32 matmul {peaks['float32']:.0f} GFLOP/s, bf16 matmul {peaks['bfloat16']:.0f} "
           f"GFLOP/s, memory read {bandwidth:.1f} GB/s")  # fmt: skip
-    for precision in args.precisions:
-        try:
-            resolve_gemm_backend("auto", torch.device("cpu"), torch.float32, precision)
-        except ValueError as exc:
-            print(f"skipped {precision}: {exc}")
-            continue
+    for precision in runnable_precisions(args.precisions):
         for batch_size, grid in ((args.batch_size, grids), (1, grids[: args.single])):
 
             def run(grid: torch.Tensor = grid, batch_size: int = batch_size, precision: str = precision) -> None:

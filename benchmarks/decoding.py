@@ -59,6 +59,28 @@ def test_photos(count: int) -> list[Path]:
     return [FLICKR / "images" / name for name in split.read_text().split()[:count]]
 
 
+def add_photo_arguments(parser: argparse.ArgumentParser, images: int, single: int) -> None:
+    """``--model``, ``--images``, ``--single`` and ``--batch-size``: which model decodes how many test photos, at a
+    batch's size and one at a time."""
+    parser.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    parser.add_argument("--images", type=int, default=images, help="test photos decoded at --batch-size")
+    parser.add_argument("--single", type=int, default=single, help="of which decoded one at a time (batch 1)")
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def runnable_precisions(precisions: list[str]) -> list[str]:
+    """Those of the decoder ``precisions`` this machine can run; for the others it prints why not."""
+    runnable = []
+    for precision in precisions:
+        try:
+            resolve_gemm_backend("auto", torch.device("cpu"), torch.float32, precision)
+        except ValueError as exc:
+            print(f"skipped {precision}: {exc}")
+            continue
+        runnable.append(precision)
+    return runnable
+
+
 def encode_photos(captioner: Captioner, photos: list[Path]) -> torch.Tensor:
     """The float32 feature grids (images, C, H, W) of ``photos``, encoded once, 32 at a time, by the default runtime."""
     with torch.inference_mode():
@@ -101,10 +123,7 @@ def load_average() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model directory (default: the bundled model)")
-    parser.add_argument("--images", type=int, default=200, help="test photos decoded at batch 32")
-    parser.add_argument("--single", type=int, default=40, help="of which decoded one at a time (batch 1)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_photo_arguments(parser, images=200, single=40)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of each (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--baseline", default="f483925", help="git commit whose decoder is the plain path")
@@ -140,12 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         return lambda g: decode(decoder, g, vocab, options, precision)
 
     decoders = {"plain": plain}
-    for precision in args.precisions:
-        try:
-            resolve_gemm_backend("auto", torch.device("cpu"), torch.float32, precision)
-        except ValueError as exc:
-            print(f"skipped {precision}: {exc}")
-            continue
+    for precision in runnable_precisions(args.precisions):
         decoders["fast" if precision == "float32" else f"fast {precision}"] = fast_in(precision)
     print(f"{len(photos)} Flickr8k test photos, grid {tuple(grids.shape[1:])}; decoding {options}")
     print(f"torch threads {torch.get_num_threads()}; load average before: {load_average()}", flush=True)
