@@ -27,11 +27,13 @@ What changes per step (all exact f32 algebra; only the order of float operations
 * **Optionally, bfloat16 products** (``precision="bfloat16"``, torch): the four products' weights rounded to
   bfloat16 once and prepacked for oneDNN, each call's input rounded to bfloat16, the product's sum kept in float32
   by the kernel, then rounded to bfloat16 and added to the float32 bias. On CPUs with AMX or AVX-512 BF16 the
-  products run ~2-3x faster at a batch's row counts; not exact (README, "Decoder precision").
+  products run ~2-3x faster at a batch's row counts; not exact: with v5, 7% of the test captions change and CIDEr
+  drops by 0.6-0.9 (README, "Decoder precision").
 * **Optionally, int8 products** (``precision="int8"``, ONNX Runtime on CPU only): the same four products with the
   weights quantized once, per output column, and each call's input quantized on the fly. Not exact: on the
-  Flickr8k test split 6% of the bundled model's captions change and CIDEr moves by -0.1 (README, "Decoder
-  precision"); the products run ~2x faster. The default, ``"float32"``, writes the reference's captions.
+  Flickr8k test split 4.5-6.3% of the bundled models' captions change (v3 to v5) and CIDEr moves by -0.2 to +0.1
+  (README, "Decoder precision"); the products run ~2x faster.
+The default, ``"float32"``, writes the reference's captions.
 
 The tables are rebuilt whenever a parameter changes (keyed by each parameter's storage and version counter), so
 training's validation decodes with the current weights.
