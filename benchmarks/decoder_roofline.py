@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,36 +35,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decoding import add_photo_arguments, encode_photos, load_average, runnable_precisions, test_photos  # noqa: E402
+from runtime import matmul_peak, timed  # noqa: E402
 
 from captioner.api import Captioner  # noqa: E402
 from captioner.decoding import decode  # noqa: E402
 from captioner.fast_decoder import Gemm  # noqa: E402
 
 BYTES = {"float32": 4, "bfloat16": 2}  # bytes per weight element as the product reads it
-
-
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest wall time of ``repeats`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def matmul_peak(dtype: torch.dtype, repeats: int = 5) -> float:
-    """GFLOP/s of a 2048x2048 matrix product in ``dtype`` on the current torch threads: the compute ceiling."""
-    n = 2048
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return 2 * n**3 / best_of(lambda: a @ b, repeats) / 1e9
+CPU = torch.device("cpu")
 
 
 def read_bandwidth(repeats: int = 5) -> float:
     """GB/s of summing a 512 MiB float32 tensor (far larger than any cache): the memory-read ceiling."""
     x = torch.ones(128 * 1024 * 1024)
-    return x.numel() * 4 / best_of(x.sum, repeats) / 1e9
+    seconds, _ = timed(x.sum, repeats, CPU)
+    return x.numel() * 4 / seconds / 1e9
 
 
 class CountedGemm:
@@ -133,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(photos)} Flickr8k test photos; decoding {options}; torch threads {torch.get_num_threads()}; "
           f"load average {load_average()}")  # fmt: skip
     bandwidth = read_bandwidth()
-    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    peaks = {name: matmul_peak(CPU, 5, getattr(torch, name)) for name in ("float32", "bfloat16")}
     print(f"measured ceilings: fp32 matmul {peaks['float32']:.0f} GFLOP/s, bf16 matmul {peaks['bfloat16']:.0f} "
           f"GFLOP/s, memory read {bandwidth:.1f} GB/s")  # fmt: skip
     for precision in runnable_precisions(args.precisions):

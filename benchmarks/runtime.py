@@ -80,10 +80,10 @@ def _once(fn: Callable[[], object], device: torch.device) -> tuple[float, object
     return time.perf_counter() - start, result
 
 
-def matmul_peak(device: torch.device, repeats: int) -> float:
-    """This machine's measured fp32 matmul GFLOP/s (square matrices large enough to reach the peak)."""
+def matmul_peak(device: torch.device, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's measured matmul GFLOP/s in ``dtype`` (square matrices large enough to reach the peak)."""
     n = 2048 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds, _ = timed(lambda: a @ b, repeats, device)
     return 2 * n**3 / seconds / 1e9
 
