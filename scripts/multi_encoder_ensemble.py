@@ -9,11 +9,19 @@ model's decoding options. The models must share the vocabulary (trained on the s
 
     .venv/bin/python scripts/multi_encoder_ensemble.py runs/v5-ss25/best runs/v6-lite1/best \
         --annotations data/flickr8k/captions_dev.json --images ../shared/data/flickr8k/images [--official]
+
+With ``--write-annotations OUT`` it is also a teacher for sequence-level knowledge distillation (Kim & Rush, 2016):
+OUT is the annotations file given plus the ensemble's caption for every image, one more caption each, so that a
+student decoder (one encoder, the shipped cost) trains on the references and on what the ensemble says:
+
+    .venv/bin/python scripts/multi_encoder_ensemble.py runs/v5-ss25/best runs/v6-lite1/best \
+        --annotations data/flickr8k/captions_train.json --write-annotations data/flickr8k/captions_train_distilled.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,6 +30,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from captioner.atomic import atomic_write_text  # noqa: E402
 from captioner.checkpoint import load_model  # noqa: E402
 from captioner.decoding import DecodingOptions, _decode_group  # noqa: E402
 from captioner.ensemble import DecoderEnsemble, EnsembleSteps  # noqa: E402
@@ -56,6 +65,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="cache/features")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--official", action="store_true", help="all metrics, Java PTB tokenizer and METEOR (slower)")
+    parser.add_argument("--write-annotations", type=Path, default=None,
+                        help="write the annotations plus the ensemble's caption for each image here (distillation)")
     args = parser.parse_args()
 
     models = [load_model(path, allow_download=False) for path in args.models]
@@ -87,6 +98,21 @@ def main() -> None:
     scores = compute_metrics(predictions, references, metrics=metrics, java_tokenizer=args.official)
     print(f"{len(members)} decoders over {len(models)} encoders, {len(rows)} images, {options}")
     print("  ".join(f"{name} {value * 100:.2f}" for name, value in scores.items()))
+    if args.write_annotations:
+        write_with_predictions(Path(args.annotations), predictions, args.write_annotations)
+
+
+def write_with_predictions(annotations: Path, predictions: dict[int, str], out: Path) -> None:
+    """Write the COCO captions file ``annotations`` with one more caption per image, ``predictions[image_id]``
+    (new annotation ids after the largest one there), atomically to ``out``."""
+    coco = json.loads(annotations.read_text(encoding="utf-8"))
+    next_id = max((ann["id"] for ann in coco["annotations"]), default=-1) + 1
+    for offset, (image_id, caption) in enumerate(sorted(predictions.items())):
+        coco["annotations"].append({"id": next_id + offset, "image_id": image_id, "caption": caption})
+    info = coco.setdefault("info", {})
+    info["description"] = f"{info.get('description', '')} + one ensemble caption per image".strip()
+    atomic_write_text(out, json.dumps(coco))
+    print(f"wrote {out}: {len(coco['annotations'])} captions ({len(predictions)} from the ensemble)")
 
 
 if __name__ == "__main__":
