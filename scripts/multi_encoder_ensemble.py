@@ -57,7 +57,8 @@ class GridsPerMember(EnsembleSteps):
         return tuple(memory), tuple(state)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Score the ensemble of ``argv``'s models (the command line when None) and write the annotations if asked."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="+", type=Path, help="model directories, each on its own encoder")
     parser.add_argument("--annotations", required=True)
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--official", action="store_true", help="all metrics, Java PTB tokenizer and METEOR (slower)")
     parser.add_argument("--write-annotations", type=Path, default=None,
                         help="write the annotations plus the ensemble's caption for each image here (distillation)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     models = [load_model(path, allow_download=False) for path in args.models]
     vocab = models[0].vocab
@@ -104,15 +105,17 @@ def main() -> None:
 
 def write_with_predictions(annotations: Path, predictions: dict[int, str], out: Path) -> None:
     """Write the COCO captions file ``annotations`` with one more caption per image, ``predictions[image_id]``
-    (new annotation ids after the largest one there), atomically to ``out``."""
+    (new annotation ids after the largest one there; an empty prediction adds nothing), atomically to ``out``."""
     coco = json.loads(annotations.read_text(encoding="utf-8"))
     next_id = max((ann["id"] for ann in coco["annotations"]), default=-1) + 1
-    for offset, (image_id, caption) in enumerate(sorted(predictions.items())):
+    written = {image_id: caption for image_id, caption in sorted(predictions.items()) if caption.strip()}
+    for offset, (image_id, caption) in enumerate(written.items()):
         coco["annotations"].append({"id": next_id + offset, "image_id": image_id, "caption": caption})
     info = coco.setdefault("info", {})
     info["description"] = f"{info.get('description', '')} + one ensemble caption per image".strip()
     atomic_write_text(out, json.dumps(coco))
-    print(f"wrote {out}: {len(coco['annotations'])} captions ({len(predictions)} from the ensemble)")
+    print(f"wrote {out}: {len(coco['annotations'])} captions ({len(written)} from the ensemble, "
+          f"{len(predictions) - len(written)} empty ones left out)")
 
 
 if __name__ == "__main__":
