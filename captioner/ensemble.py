@@ -55,12 +55,16 @@ class EnsembleSteps:
         self.members = list(members)
         self.sizes = [_sizes(member.config) for member in self.members]
 
-    def memory_and_state(self, grid: Tensor) -> tuple[Memory, State]:
-        """Every member's memory and initial state from the same encoder grid, laid end to end."""
+    def memory_and_state(self, grid: Tensor | Sequence[Tensor]) -> tuple[Memory, State]:
+        """Every member's memory and initial state, laid end to end: from the one encoder grid all members read, or
+        from a sequence of grids, one per member (members over different encoders; the same images in each)."""
+        grids = [grid] * len(self.members) if isinstance(grid, Tensor) else list(grid)
+        if len(grids) != len(self.members):
+            raise ValueError(f"{len(grids)} grids for {len(self.members)} ensemble members")
         memory: list[Tensor] = []
         state: list[Tensor] = []
-        for member in self.members:
-            member_memory, member_state = member.memory_and_state(grid)
+        for member, member_grid in zip(self.members, grids, strict=True):
+            member_memory, member_state = member.memory_and_state(member_grid)
             memory += member_memory
             state += member_state
         return tuple(memory), tuple(state)

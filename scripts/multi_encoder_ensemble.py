@@ -4,8 +4,9 @@ A model directory holds one encoder, and :class:`captioner.ensemble.DecoderEnsem
 This script asks what a second encoder would give before the format supports one: each model directory given
 (a single decoder or an ensemble, on its own encoder and preprocessing, e.g. Lite0 at 224 px and Lite1 at 240 px)
 reads its own grids from the features cache, and every member's log-probabilities are averaged at each step of the
-same beam search :func:`captioner.decoding.decode` runs (:class:`~captioner.ensemble.EnsembleSteps`), with the first
-model's decoding options. The models must share the vocabulary (trained on the same data).
+same beam search :func:`captioner.decoding.decode` runs (:class:`~captioner.ensemble.EnsembleSteps`, given one
+grid per member), with the first model's decoding options. The models must share the vocabulary (trained on the
+same data).
 
     .venv/bin/python scripts/multi_encoder_ensemble.py runs/v5-ss25/best runs/v6-lite1/best \
         --annotations data/flickr8k/captions_dev.json --images ../shared/data/flickr8k/images [--official]
@@ -26,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,26 +35,9 @@ from captioner.checkpoint import load_model  # noqa: E402
 from captioner.decoding import DecodingOptions, _decode_group  # noqa: E402
 from captioner.ensemble import DecoderEnsemble, EnsembleSteps  # noqa: E402
 from captioner.fast_decoder import fast_decoder  # noqa: E402
-from captioner.model import Memory, State  # noqa: E402
 from training.data import load_coco  # noqa: E402
 from training.evaluation import compute_metrics  # noqa: E402
 from training.features import build_feature_cache  # noqa: E402
-
-
-class GridsPerMember(EnsembleSteps):
-    """:class:`EnsembleSteps` whose members each read their own encoder's grids: ``memory_and_state`` takes the
-    batch's row numbers (batch, 1) and looks each member's grid rows up in ``grids`` (one tensor per member)."""
-
-    grids: list[Tensor]
-
-    def memory_and_state(self, rows: Tensor) -> tuple[Memory, State]:
-        memory: list[Tensor] = []
-        state: list[Tensor] = []
-        for member, grids in zip(self.members, self.grids, strict=True):
-            member_memory, member_state = member.memory_and_state(grids[rows.view(-1)])
-            memory += member_memory
-            state += member_state
-        return tuple(memory), tuple(state)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         decoders = model.decoder.members if isinstance(model.decoder, DecoderEnsemble) else [model.decoder]
         members += [fast_decoder(decoder.eval()) for decoder in decoders]
         member_cache += [cache] * len(decoders)
-    steps = GridsPerMember(members)
+    steps = EnsembleSteps(members)  # memory_and_state takes one grid per member
     options = DecodingOptions(**models[0].decoding)
     failed = set().union(*(cache.failed for cache in caches))
     rows = [r for r in range(len(dataset.images)) if r not in failed]
@@ -90,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         for start in range(0, len(rows), args.batch_size):
             batch = rows[start : start + args.batch_size]
-            steps.grids = [cache.grids(batch).float() for cache in member_cache]
-            hypotheses = _decode_group(steps, torch.arange(len(batch)).view(-1, 1), vocab, options)
+            grids = [cache.grids(batch).float() for cache in member_cache]
+            hypotheses = _decode_group(steps, grids, vocab, options)
             for row, hyps in zip(batch, hypotheses, strict=True):
                 predictions[dataset.images[row].image_id] = vocab.decode(hyps[0].tokens)
     references = {dataset.images[r].image_id: dataset.images[r].captions for r in rows}

@@ -103,10 +103,13 @@ def _reference_next(members: list[CaptionDecoder], memories: list, states: list,
     return logp, new_states
 
 
-def _reference_beam(members: list[CaptionDecoder], grid: torch.Tensor, width: int, max_length: int,
-                    penalty: float) -> list[tuple[list[int], float]]:
-    """Beam search over one image: (words without <end>, summed log-probability) of the beams, best first."""
-    memories, states = zip(*(member.memory_and_state(grid.unsqueeze(0)) for member in members), strict=True)
+def _reference_beam(members: list[CaptionDecoder], grid: torch.Tensor | list[torch.Tensor], width: int,
+                    max_length: int, penalty: float) -> list[tuple[list[int], float]]:
+    """Beam search over one image: (words without <end>, summed log-probability) of the beams, best first.
+    ``grid`` is the image's grid, or a list of its grids, one per member (members over different encoders)."""
+    member_grids = grid if isinstance(grid, list) else [grid] * len(members)
+    memories, states = zip(*(member.memory_and_state(g.unsqueeze(0)) for member, g in zip(
+        members, member_grids, strict=True)), strict=True)
     beams = [([], 0.0, list(states), False)]  # (words, log_prob, each member's state, finished)
 
     def score(beam: tuple) -> float:
@@ -143,6 +146,27 @@ def test_two_member_ensemble_matches_a_hand_computed_search(strategy: str) -> No
     # The ensemble is neither member: its captions differ from each member's own.
     for member in members:
         assert [h[0].tokens for h in decode(member, grids(), VOCAB, options)] != [h[0].tokens for h in found]
+
+
+def test_members_over_different_encoders_read_one_grid_each() -> None:
+    """Members may read different encoders' grids of the same images (scripts/multi_encoder_ensemble.py): given
+    one grid per member, the search is the hand-computed one over those grids; one grid is every member's."""
+    members = [tiny_decoder(1), tiny_decoder(2)]
+    steps = DecoderEnsemble(members).eval().steps()
+    other = torch.randn(3, CHANNELS, 3, 3, generator=torch.Generator().manual_seed(2))  # another encoder's 3x3 grid
+    options = DecodingOptions(beam_size=3, num_captions=3, max_length=6, length_penalty=1.0)
+    found = decoding._decode_group(steps, [grids(), other], VOCAB, options)
+    with torch.no_grad():
+        expected = [_reference_beam(members, [a, b], options.width, options.max_length, options.length_penalty)
+                    for a, b in zip(grids(), other, strict=True)]
+    for hyps, reference in zip(found, expected, strict=True):
+        assert [h.tokens for h in hyps] == [words for words, _ in reference]
+        assert [h.log_prob for h in hyps] == pytest.approx([lp for _, lp in reference], abs=1e-4)
+    assert found != decoding._decode_group(steps, grids(), VOCAB, options)  # the second grid mattered
+    assert decoding._decode_group(steps, [grids(), grids()], VOCAB, options) == decode(
+        DecoderEnsemble(members).eval(), grids(), VOCAB, options)
+    with pytest.raises(ValueError, match="1 grids for 2 ensemble members"):
+        steps.memory_and_state([grids()])
 
 
 def test_an_ensemble_in_train_mode_decodes_like_in_eval_mode() -> None:
