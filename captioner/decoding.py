@@ -171,8 +171,11 @@ class Hypothesis:
     score: float
 
 
+Grids = Tensor | Sequence[Tensor]  # one batch of encoder grids, or one per ensemble member (different encoders)
+
+
 def decode(
-    decoder: CaptionDecoder | DecoderEnsemble, grid: Tensor, vocab: Vocabulary,
+    decoder: CaptionDecoder | DecoderEnsemble, grid: Grids, vocab: Vocabulary,
     options: DecodingOptions | Sequence[DecodingOptions], precision: str = "float32",
 ) -> list[list[Hypothesis]]:
     """Decode a batch of encoder grids (batch, C, H, W); per image, its ``num_captions`` hypotheses, best first.
@@ -180,13 +183,20 @@ def decode(
     The one batched decoding function: ``options`` is one :class:`DecodingOptions` for every image or one per image
     (the service's micro-batches mix requests). Images are grouped by their options and each group's rows of
     ``grid`` are decoded as one batch, so an image's captions never depend on what else is in the batch.
-    ``decoder`` may be a :class:`~captioner.ensemble.DecoderEnsemble`: the same search, on averaged log-probabilities.
+    ``decoder`` may be a :class:`~captioner.ensemble.DecoderEnsemble`: the same search, on averaged log-probabilities;
+    its members read the one ``grid``, or, given a sequence of batches (the same images), each its own (members over
+    different encoders).
     ``precision`` is the eval-mode fast path's (:data:`~captioner.fast_decoder.DECODER_PRECISIONS`): "float32" gives
     the reference's captions, "bfloat16" and "int8" are faster and change a few.
     """
-    per_image = [options] * grid.size(0) if isinstance(options, DecodingOptions) else list(options)
-    if len(per_image) != grid.size(0):
-        raise ValueError(f"{grid.size(0)} images but {len(per_image)} decoding options")
+    if not isinstance(grid, Tensor) and not isinstance(decoder, DecoderEnsemble):
+        raise ValueError("one grid per member needs an ensemble of decoders")
+    images = _first(grid).size(0)
+    if not isinstance(grid, Tensor) and any(g.size(0) != images for g in grid):
+        raise ValueError(f"the members' grids hold different numbers of images: {[g.size(0) for g in grid]}")
+    per_image = [options] * images if isinstance(options, DecodingOptions) else list(options)
+    if len(per_image) != images:
+        raise ValueError(f"{images} images but {len(per_image)} decoding options")
     groups: dict[DecodingOptions, list[int]] = {}
     for index, opts in enumerate(per_image):
         groups.setdefault(opts, []).append(index)
@@ -198,14 +208,26 @@ def decode(
         else:
             stepper = fast_decoder(decoder, "auto", precision)
         for opts, indices in groups.items():
-            rows = grid if len(indices) == len(per_image) else grid[torch.tensor(indices, device=grid.device)]
+            rows = grid if len(indices) == len(per_image) else _rows(grid, torch.tensor(indices))
             for index, hyps in zip(indices, _decode_in_parts(stepper, rows, vocab, opts), strict=True):
                 results[index] = hyps
     return results
 
 
+def _first(grid: Grids) -> Tensor:
+    """The batch of grids, or the first member's."""
+    return grid if isinstance(grid, Tensor) else grid[0]
+
+
+def _rows(grid: Grids, indices: Tensor) -> Grids:
+    """Some images' rows of the batch, or of each member's."""
+    if isinstance(grid, Tensor):
+        return grid[indices.to(grid.device)]
+    return [g[indices.to(g.device)] for g in grid]
+
+
 def _decode_in_parts(
-    decoder: Stepper, grid: Tensor, vocab: Vocabulary, options: DecodingOptions
+    decoder: Stepper, grid: Grids, vocab: Vocabulary, options: DecodingOptions
 ) -> list[list[Hypothesis]]:
     """:func:`_decode_group` on a CPU with several threads: the images split into one part per thread, each part
     decoded in its own Python thread with one torch thread.
@@ -216,18 +238,22 @@ def _decode_in_parts(
     on the other images of its batch, so the parts give exactly what one batch gives. While the parts run, torch
     uses one thread in the whole process (its thread count is global), then the count is restored.
     """
-    parts = min(torch.get_num_threads(), grid.size(0))
+    parts = min(torch.get_num_threads(), _first(grid).size(0))
     # Only the inference fast path (eval mode, no dropout: nothing random) of every member is split.
     fast = all(isinstance(member, FastDecoder) for member in getattr(decoder, "members", [decoder]))
-    if parts < 2 or grid.device.type != "cpu" or not fast:
+    if parts < 2 or _first(grid).device.type != "cpu" or not fast:
         return _decode_group(decoder, grid, vocab, options)
 
-    def decode_part(part: Tensor) -> list[list[Hypothesis]]:
+    def decode_part(part: Grids) -> list[list[Hypothesis]]:
         with torch.inference_mode():  # thread-local: each worker enters it
             return _decode_group(decoder, part, vocab, options)
 
+    if isinstance(grid, Tensor):
+        split: list[Grids] = list(grid.tensor_split(parts))
+    else:  # part i of every member's grids
+        split = [list(part) for part in zip(*(g.tensor_split(parts) for g in grid), strict=True)]
     with _one_torch_thread(), ThreadPoolExecutor(parts, thread_name_prefix="decode") as pool:
-        return [hyps for part in pool.map(decode_part, grid.tensor_split(parts)) for hyps in part]
+        return [hyps for part in pool.map(decode_part, split) for hyps in part]
 
 
 _threads_lock = threading.Lock()
@@ -257,7 +283,7 @@ Stepper = CaptionDecoder | FastDecoder | EnsembleSteps  # anything with the deco
 
 
 def _decode_group(
-    decoder: Stepper, grid: Tensor, vocab: Vocabulary, options: DecodingOptions
+    decoder: Stepper, grid: Grids, vocab: Vocabulary, options: DecodingOptions
 ) -> list[list[Hypothesis]]:
     memory, state = decoder.memory_and_state(grid)
     if options.strategy == "greedy":

@@ -148,9 +148,10 @@ def test_two_member_ensemble_matches_a_hand_computed_search(strategy: str) -> No
         assert [h[0].tokens for h in decode(member, grids(), VOCAB, options)] != [h[0].tokens for h in found]
 
 
-def test_members_over_different_encoders_read_one_grid_each() -> None:
+def test_members_over_different_encoders_read_one_grid_each(monkeypatch: pytest.MonkeyPatch) -> None:
     """Members may read different encoders' grids of the same images (scripts/multi_encoder_ensemble.py): given
-    one grid per member, the search is the hand-computed one over those grids; one grid is every member's."""
+    one grid per member, the search is the hand-computed one over those grids; one grid is every member's; decode()
+    groups and splits such batches as it does one grid."""
     members = [tiny_decoder(1), tiny_decoder(2)]
     steps = DecoderEnsemble(members).eval().steps()
     other = torch.randn(3, CHANNELS, 3, 3, generator=torch.Generator().manual_seed(2))  # another encoder's 3x3 grid
@@ -163,10 +164,32 @@ def test_members_over_different_encoders_read_one_grid_each() -> None:
         assert [h.tokens for h in hyps] == [words for words, _ in reference]
         assert [h.log_prob for h in hyps] == pytest.approx([lp for _, lp in reference], abs=1e-4)
     assert found != decoding._decode_group(steps, grids(), VOCAB, options)  # the second grid mattered
-    assert decoding._decode_group(steps, [grids(), grids()], VOCAB, options) == decode(
-        DecoderEnsemble(members).eval(), grids(), VOCAB, options)
+    ensemble = DecoderEnsemble(members).eval()
+    def same(a: list[list], b: list[list]) -> bool:  # batches of other sizes round a few floats differently
+        return [[h.tokens for h in x] for x in a] == [[h.tokens for h in x] for x in b] and [
+            h.log_prob for x in a for h in x] == pytest.approx([h.log_prob for x in b for h in x], abs=1e-5)
+
+    assert same(decode(ensemble, [grids(), grids()], VOCAB, options), decode(ensemble, grids(), VOCAB, options))
+    # decode() takes them too: grouped by options (the rows of every member's grids) and split over threads.
+    mixed = [options, DecodingOptions(strategy="greedy", max_length=6), options]
+    by_image = decode(ensemble, [grids(), other], VOCAB, mixed)
+    assert same([by_image[0], by_image[2]], [found[0], found[2]]) and len(by_image[1]) == 1
+    parts: list[list[int]] = []
+    decode_group = decoding._decode_group
+    monkeypatch.setattr(decoding, "_decode_group", lambda steps, part, *rest: parts.append(
+        [g.size(0) for g in part]) or decode_group(steps, part, *rest))  # fmt: skip
+    torch.set_num_threads(2)
+    try:
+        assert same(decode(ensemble, [grids(), other], VOCAB, options), found)
+    finally:
+        torch.set_num_threads(1)
+    assert parts == [[2, 2], [1, 1]]  # two parts, each with its rows of both members' grids
     with pytest.raises(ValueError, match="1 grids for 2 ensemble members"):
         steps.memory_and_state([grids()])
+    with pytest.raises(ValueError, match="one grid per member needs an ensemble"):
+        decode(members[0], [grids()], VOCAB, options)
+    with pytest.raises(ValueError, match=r"different numbers of images: \[3, 2\]"):
+        decode(ensemble, [grids(), other[:2]], VOCAB, options)
 
 
 def test_an_ensemble_in_train_mode_decodes_like_in_eval_mode() -> None:
