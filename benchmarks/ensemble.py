@@ -26,12 +26,20 @@ model before commit "Default model v4", taken from git):
     git worktree add /tmp/v3 bf48aa4
     .venv/bin/python benchmarks/ensemble.py --model /tmp/v3/captioner/models/default \
         --candidate captioner/models/default --images 64 --repeats 7
+
+Several ``--candidate`` directories are timed as one model over several encoders would run (a #15 lever; a model
+directory holds one encoder today): each photo read once, each model's preprocessing and encoder, one search of
+all their decoders, each on its own encoder's grid; e.g. decoders on Lite0 and on Lite1 against v3:
+
+    .venv/bin/python benchmarks/ensemble.py --model /tmp/v3/captioner/models/default \
+        --candidate runs/v5-ss25/best runs/v6-lite1/best --images 64 --repeats 7
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 import time
@@ -43,9 +51,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.api import Captioner  # noqa: E402
-from captioner.decoding import decode  # noqa: E402
+from captioner.decoding import DecodingOptions, decode  # noqa: E402
 from captioner.ensemble import DecoderEnsemble  # noqa: E402
 from captioner.model import CaptionDecoder  # noqa: E402
+from captioner.preprocess import read_image, to_tensor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
@@ -60,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each (the fastest is reported)")
     parser.add_argument("--runtime", default="auto", help="encoder runtime (default: auto, as the doors use)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--candidate", default=None, help="a model directory to time against --model instead")
+    parser.add_argument("--candidate", nargs="+", default=None,
+                        help="a model directory to time against --model instead; several: their decoders together, "
+                             "each on its model's encoder (one model over several encoders)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,21 +135,25 @@ def main(argv: list[str] | None = None) -> None:
     show("CPU time of the process", cpu_times, lambda seconds: f"{1000 * seconds / args.images:6.1f} ms/img")
 
 def compare_models(args: argparse.Namespace) -> None:
-    """Time ``args.model`` (the reference) and ``args.candidate`` side by side on the same photos."""
-    models = {
-        "reference": Captioner.load(args.model, runtime=args.runtime, allow_download=False),
-        "candidate": Captioner.load(args.candidate, runtime=args.runtime, allow_download=False),
+    """Time ``args.model`` (the reference) and ``args.candidate`` side by side on the same photos; several candidate
+    directories are timed as one model over several encoders (:class:`SeveralEncoders`)."""
+    load = functools.partial(Captioner.load, runtime=args.runtime, allow_download=False)
+    candidates = [load(path) for path in args.candidate]
+    models: dict[str, Captioner | SeveralEncoders] = {
+        "reference": load(args.model),
+        "candidate": candidates[0] if len(candidates) == 1 else SeveralEncoders(candidates),
     }
     photos = _photos(args.images)
-    batches = {name: torch.stack([c.load_tensor(p) for p in photos]) for name, c in models.items()}
+    inputs = {name: model.load_tensors(photos) if isinstance(model, SeveralEncoders) else
+              torch.stack([model.load_tensor(p) for p in photos]) for name, model in models.items()}
     kinds = ("end to end", "model")
 
     def run(name: str, kind: str) -> None:
-        captioner = models[name]
+        model = models[name]
         if kind == "end to end":
-            captioner.caption(photos)
+            model.caption(photos)
         else:
-            captioner.caption_tensors(batches[name], captioner.options())
+            model.caption_tensors(inputs[name], model.options())
 
     times: dict[tuple[str, str], list[float]] = {(k, n): [] for k in kinds for n in models}
     cpu_times: dict[tuple[str, str], list[float]] = {(k, n): [] for k in kinds for n in models}
@@ -151,12 +166,14 @@ def compare_models(args: argparse.Namespace) -> None:
                 run(name, kind)
                 times[kind, name].append(time.perf_counter() - start)
                 cpu_times[kind, name].append(time.process_time() - cpu_start)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    for name, captioner in models.items():
-        members = getattr(captioner.model.decoder, "members", [captioner.model.decoder])
-        print(f"{name}: {captioner.name} v{captioner.version}, {len(members)} decoder(s), options "
-              f"{captioner.options().to_json()}, encoder runtime {type(captioner.encode).__name__}")
-    print(f"{args.images} photos, torch threads {torch.get_num_threads()}, load average {load:.2f}; "
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    for name, model in models.items():
+        for captioner in getattr(model, "captioners", [model]):
+            members = getattr(captioner.model.decoder, "members", [captioner.model.decoder])
+            print(f"{name}: {captioner.name} v{captioner.version}, {len(members)} decoder(s) on "
+                  f"{captioner.model.encoder.name} at {captioner.preprocess_config.size} px, options "
+                  f"{model.options().to_json()}, encoder runtime {type(captioner.encode).__name__}")
+    print(f"{args.images} photos, torch threads {torch.get_num_threads()}, load average {load_average:.2f}; "
           f"fastest of {args.repeats}")
     for kind in kinds:
         ref, cand = min(times[kind, "reference"]), min(times[kind, "candidate"])
@@ -164,6 +181,40 @@ def compare_models(args: argparse.Namespace) -> None:
         print(f"  {kind:<10}: reference {args.images / ref:6.1f} img/s, candidate {args.images / cand:6.1f} img/s "
               f"({cand / ref:.2f}x the time); CPU {1000 * ref_cpu / args.images:.1f} vs "
               f"{1000 * cand_cpu / args.images:.1f} ms/img ({cand_cpu / ref_cpu:.2f}x)")
+
+
+class SeveralEncoders:
+    """Models on different encoders (sharing a vocabulary) run as one model holding them all would: each photo read
+    once (a JPEG decoded at the largest input size any of them needs), then each model's preprocessing and encoder,
+    then one search of all their decoders together, each member on its own encoder's grid
+    (:func:`~captioner.decoding.decode` with one grid per member; the first model's decoding options)."""
+
+    def __init__(self, captioners: list[Captioner]) -> None:
+        if any(c.vocab.words != captioners[0].vocab.words for c in captioners[1:]):
+            sys.exit("error: the candidate models' vocabularies differ; ensemble members must share one")
+        self.captioners = captioners
+        members = [(i, d) for i, c in enumerate(captioners) for d in getattr(c.model.decoder, "members",
+                                                                             [c.model.decoder])]
+        self.member_model = [i for i, _ in members]  # which model's grid each decoder reads
+        self.decoders = DecoderEnsemble([d for _, d in members]).eval()
+        self.largest = max((c.preprocess_config for c in captioners), key=lambda config: config.size)
+
+    def options(self) -> DecodingOptions:
+        return self.captioners[0].options()
+
+    def load_tensors(self, photos: list[Path]) -> list[torch.Tensor]:
+        """Each model's input batch of the photos, every photo read once."""
+        images = [read_image(photo, self.largest).image for photo in photos]
+        return [torch.stack([to_tensor(image, c.preprocess_config) for image in images]) for c in self.captioners]
+
+    def caption_tensors(self, batches: list[torch.Tensor], options: DecodingOptions) -> list[str]:
+        with torch.inference_mode():
+            grids = [c.encode(batch).float() for c, batch in zip(self.captioners, batches, strict=True)]
+            found = decode(self.decoders, [grids[i] for i in self.member_model], self.captioners[0].vocab, options)
+        return [self.captioners[0].vocab.decode(hyps[0].tokens) for hyps in found]
+
+    def caption(self, photos: list[Path]) -> list[str]:
+        return self.caption_tensors(self.load_tensors(photos), self.options())
 
 
 def _photos(count: int) -> list[Path]:
