@@ -203,9 +203,12 @@ class SeveralEncoders:
         return self.captioners[0].options()
 
     def load_tensors(self, photos: list[Path]) -> list[torch.Tensor]:
-        """Each model's input batch of the photos, every photo read once."""
+        """Each model's input batch of the photos, every photo read once, and resized once per distinct
+        preprocessing (encoders at one input size and normalisation share their input)."""
         images = [read_image(photo, self.largest).image for photo in photos]
-        return [torch.stack([to_tensor(image, c.preprocess_config) for image in images]) for c in self.captioners]
+        batches = {config: torch.stack([to_tensor(image, config) for image in images])
+                   for config in dict.fromkeys(c.preprocess_config for c in self.captioners)}
+        return [batches[c.preprocess_config] for c in self.captioners]
 
     def caption_tensors(self, batches: list[torch.Tensor], options: DecodingOptions) -> list[str]:
         with torch.inference_mode():
