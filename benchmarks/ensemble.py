@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.api import Captioner  # noqa: E402
 from captioner.decoding import DecodingOptions, decode  # noqa: E402
-from captioner.ensemble import DecoderEnsemble  # noqa: E402
+from captioner.ensemble import DecoderEnsemble, decoders_of  # noqa: E402
 from captioner.model import CaptionDecoder  # noqa: E402
 from captioner.preprocess import read_image, to_tensor  # noqa: E402
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     captioner = Captioner.load(args.model, runtime=args.runtime, allow_download=False)
     bundled = captioner.model.decoder
     # An ensemble model (the bundled v5 is one) is timed through its first member: copies of one decoder.
-    single = bundled if isinstance(bundled, CaptionDecoder) else bundled.members[0]
+    single = decoders_of(bundled)[0]
     variants = {1: single} | {n: DecoderEnsemble([copy.deepcopy(single) for _ in range(n)]) for n in args.members}
     photos = _photos(args.images)
     options = captioner.options()
@@ -169,7 +169,7 @@ def compare_models(args: argparse.Namespace) -> None:
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for name, model in models.items():
         for captioner in getattr(model, "captioners", [model]):
-            members = getattr(captioner.model.decoder, "members", [captioner.model.decoder])
+            members = decoders_of(captioner.model.decoder)
             print(f"{name}: {captioner.name} v{captioner.version}, {len(members)} decoder(s) on "
                   f"{captioner.model.encoder.name} at {captioner.preprocess_config.size} px, options "
                   f"{model.options().to_json()}, encoder runtime {type(captioner.encode).__name__}")
@@ -193,8 +193,7 @@ class SeveralEncoders:
         if any(c.vocab.words != captioners[0].vocab.words for c in captioners[1:]):
             sys.exit("error: the candidate models' vocabularies differ; ensemble members must share one")
         self.captioners = captioners
-        members = [(i, d) for i, c in enumerate(captioners) for d in getattr(c.model.decoder, "members",
-                                                                             [c.model.decoder])]
+        members = [(i, d) for i, c in enumerate(captioners) for d in decoders_of(c.model.decoder)]
         self.member_model = [i for i, _ in members]  # which model's grid each decoder reads
         self.decoders = DecoderEnsemble([d for _, d in members]).eval()
         self.largest = max((c.preprocess_config for c in captioners), key=lambda config: config.size)

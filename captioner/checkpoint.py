@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from captioner.atomic import atomic_write_dir
 from captioner.encoder import BACKBONES, Encoder, build_encoder, sha256_file
-from captioner.ensemble import DecoderEnsemble
+from captioner.ensemble import DecoderEnsemble, decoders_of
 from captioner.errors import CheckpointError
 from captioner.model import CaptionDecoder, DecoderConfig
 from captioner.preprocess import PreprocessConfig
@@ -238,11 +238,7 @@ def ensemble_of(models: Sequence[CaptionModel]) -> CaptionModel:
                 f"member {number} has another vocabulary ({len(b)} words, member 1 {len(a)}; first difference at id "
                 f"{index}): ensemble members must share the vocabulary"
             )
-    members = [
-        member
-        for model in models
-        for member in (model.decoder.members if isinstance(model.decoder, DecoderEnsemble) else [model.decoder])
-    ]
+    members = [member for model in models for member in decoders_of(model.decoder)]
     provenance = [
         {"name": m.name, "version": m.version, "training": m.training, "metrics": m.metrics} for m in models
     ]

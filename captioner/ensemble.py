@@ -137,3 +137,8 @@ class DecoderEnsemble(nn.Module):
     def step(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, None]:
         """The members' mean logits and the new state (the plain modules, as in training)."""
         return EnsembleSteps(list(self.members)).step(tokens, state, memory)
+
+
+def decoders_of(decoder: CaptionDecoder | DecoderEnsemble) -> list[CaptionDecoder]:
+    """A model's decoders: an ensemble's members in order, or the one decoder."""
+    return list(decoder.members) if isinstance(decoder, DecoderEnsemble) else [decoder]

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from captioner.atomic import atomic_write_text  # noqa: E402
 from captioner.checkpoint import load_model  # noqa: E402
 from captioner.decoding import DecodingOptions, _decode_group  # noqa: E402
-from captioner.ensemble import DecoderEnsemble, EnsembleSteps  # noqa: E402
+from captioner.ensemble import EnsembleSteps, decoders_of  # noqa: E402
 from captioner.fast_decoder import fast_decoder  # noqa: E402
 from training.data import load_coco  # noqa: E402
 from training.evaluation import compute_metrics  # noqa: E402
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     caches = [build_feature_cache(m.encoder, m.preprocess, paths, args.cache_dir) for m in models]
     members, member_cache = [], []
     for model, cache in zip(models, caches, strict=True):
-        decoders = model.decoder.members if isinstance(model.decoder, DecoderEnsemble) else [model.decoder]
+        decoders = decoders_of(model.decoder)
         members += [fast_decoder(decoder.eval()) for decoder in decoders]
         member_cache += [cache] * len(decoders)
     steps = EnsembleSteps(members)  # memory_and_state takes one grid per member
