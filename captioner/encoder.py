@@ -258,12 +258,23 @@ class Encoder(nn.Module):
         self.weights_sha256 = digest
         return self
 
+    @property
+    def frozen_blocks(self) -> int:
+        """How many leading blocks never train: the trunk whose output a fine-tuning run can cache."""
+        return len(self.blocks) - self.fine_tune_blocks
+
+    def trunk(self, images: Tensor) -> Tensor:
+        """The frozen blocks' output (no gradients): the whole grid when nothing is fine-tuned."""
+        with torch.no_grad():
+            return self.blocks[: self.frozen_blocks](images)
+
+    def top(self, trunk_output: Tensor) -> Tensor:
+        """The fine-tuned blocks on the trunk's output: the feature grid (the input itself when none train)."""
+        return self.blocks[self.frozen_blocks :](trunk_output)
+
     def forward(self, images: Tensor) -> Tensor:
         """Feature grid (B, C, h, w)."""
-        if self.fine_tune_blocks == 0:
-            with torch.no_grad():
-                return self.blocks(images)
-        return self.blocks(images)
+        return self.top(self.trunk(images))
 
 
 def build_encoder(

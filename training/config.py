@@ -38,7 +38,7 @@ class DataConfig:
 class EncoderConfig:
     name: str = "mobilenet_v2"
     weights: str = ""  # explicit weights file; empty: hub cache, offline package, download
-    fine_tune_blocks: int = 0  # > 0 trains the last blocks too (no features cache then)
+    fine_tune_blocks: int = 0  # > 0 trains the last blocks too (the cache then holds the frozen blocks' output)
 
 
 @dataclass
@@ -55,7 +55,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     label_smoothing: float = 0.0
     # Augmentation: each epoch, every training pair uses its image's grid or (with probability 1/2) the grid of the
-    # mirrored image, from a second features cache. Needs cached features (encoder.fine_tune_blocks = 0).
+    # mirrored image, from a second features cache.
     mirror_images: bool = False
     # > 0: validate and keep (best/) an exponential moving average of the decoder weights with this decay per step.
     # On the Flickr8k recipe (cosine schedule) 0.999 scored 0.9-1.8 dev CIDEr below the trained weights: left off.

@@ -1,9 +1,15 @@
 """The features cache: the frozen encoder runs once per image, its grids are kept in a memory-mapped file.
 
-A cache entry is a directory named by a hash of everything that determines the features (encoder name, weights
-sha256, preprocessing parameters, storage dtype, the image list and whether the images were mirrored), so a
+A cache entry is a directory named by a hash of everything that determines the features (encoder name, weights,
+preprocessing parameters, storage dtype, the image list and whether the images were mirrored), so a
 change to any of them computes a new entry and a rerun with the same settings reuses the old one, across epochs and
 across runs. Mirrored entries hold the grids of the horizontally flipped images, for training-time augmentation.
+
+The weights are named by the pretrained file's verified sha256 for an encoder that never trained, and by a digest
+of the tensors themselves for one with fine-tuned blocks (a fine-tuned encoder keeps its pretrained file's sha256
+as a record of where it started, but computes other grids). A fine-tuning run caches the *trunk*, the frozen
+blocks' output (``trunk=True``), and runs the blocks it trains on top (:class:`TopOfTrunk`), so its epochs read
+memory-mapped arrays as a frozen run's do instead of decoding and encoding every photo again.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from captioner.atomic import AtomicFile, atomic_write_text
 from captioner.encoder import Encoder
 from captioner.image_loader import make_loader
 from captioner.preprocess import PreprocessConfig
-from captioner.runtime import AUTO, load_runtime
+from captioner.runtime import AUTO, load_runtime, weights_digest
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -42,7 +48,36 @@ class FeatureCache:
         return torch.from_numpy(np.ascontiguousarray(self.features[rows])).float()
 
 
-def cache_key(encoder: Encoder, config: PreprocessConfig, paths: list[Path], dtype: str, mirrored: bool = False) -> str:
+class TopOfTrunk:
+    """A trunk cache read through the encoder's fine-tuned blocks: the grids the encoder computes *now*.
+
+    What a fine-tuning run validates with: ``grids`` runs :meth:`Encoder.top` in eval mode (its batch-norm
+    statistics, not the batch's) without gradients, on the device of the encoder's weights.
+    """
+
+    def __init__(self, trunk: FeatureCache, encoder: Encoder) -> None:
+        self.trunk, self.encoder = trunk, encoder
+
+    @property
+    def failed(self) -> set[int]:
+        return self.trunk.failed
+
+    def grids(self, rows: torch.Tensor | list[int]) -> torch.Tensor:
+        """Float32 grids for the given rows."""
+        device = next(self.encoder.parameters()).device
+        was_training = self.encoder.training
+        self.encoder.eval()
+        try:
+            with torch.no_grad():
+                return self.encoder.top(self.trunk.grids(rows).to(device)).float()
+        finally:
+            self.encoder.train(was_training)
+
+
+def cache_key(
+    encoder: Encoder, config: PreprocessConfig, paths: list[Path], dtype: str, mirrored: bool = False,
+    trunk: bool = False,
+) -> str:
     """Hash of everything the cached features depend on."""
     identity = {
         "version": CACHE_VERSION,
@@ -52,8 +87,13 @@ def cache_key(encoder: Encoder, config: PreprocessConfig, paths: list[Path], dty
         "dtype": dtype,
         "paths": [str(Path(p).resolve()) for p in paths],
     }
-    if mirrored:  # only then, so the keys of existing unmirrored entries stay valid
+    # Only where they apply, so the keys of existing entries (a frozen encoder's whole grids) stay valid.
+    if mirrored:
         identity["mirrored"] = True
+    if trunk and encoder.fine_tune_blocks:  # the frozen blocks only: still the pretrained file's weights
+        identity["trunk_blocks"] = encoder.frozen_blocks
+    elif encoder.fine_tune_blocks:  # trained weights: the pretrained file's sha256 no longer says what they compute
+        identity["weights"] = weights_digest(encoder)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -67,20 +107,23 @@ def build_feature_cache(
     workers: int = 2,
     device: str = "cpu",
     mirrored: bool = False,
+    trunk: bool = False,
 ) -> FeatureCache:
     """Load the cache entry for ``paths`` or compute it (with a progress bar) and then load it.
 
     ``mirrored`` encodes each preprocessed image flipped left to right (the same preprocessing, then a mirror).
+    ``trunk`` keeps the output of the encoder's frozen blocks (:meth:`Encoder.trunk`), for a run that fine-tunes
+    the others; it is the whole grid when no block is fine-tuned.
     """
     if encoder.weights_sha256 is None:
         raise ValueError("the features cache needs a pretrained encoder (its weights hash is part of the key)")
-    entry = Path(cache_root) / cache_key(encoder, config, paths, dtype, mirrored)
+    entry = Path(cache_root) / cache_key(encoder, config, paths, dtype, mirrored, trunk)
     meta_file = entry / "meta.json"
     if not meta_file.is_file():
         # The DataLoader draws a seed from the global RNG; a training run must not depend on whether its cache
         # already existed, so computing one leaves the RNG as it found it.
         with torch.random.fork_rng(devices=[]):
-            _compute(encoder, config, paths, entry, dtype, batch_size, workers, device, mirrored)
+            _compute(encoder, config, paths, entry, dtype, batch_size, workers, device, mirrored, trunk)
     meta = json.loads(meta_file.read_text())
     features = np.memmap(entry / "features.bin", dtype=meta["dtype"], mode="r", shape=tuple(meta["shape"]))
     log.info("features cache %s: %d images, %d unreadable", entry, len(paths), len(meta["failed"]))
@@ -97,10 +140,14 @@ def _compute(
     workers: int,
     device: str,
     mirrored: bool,
+    trunk: bool,
 ) -> None:
     entry.mkdir(parents=True, exist_ok=True)
     encoder = encoder.to(device).eval()
-    encode = load_runtime(encoder, config.size, AUTO, device)  # the fastest installed runtime; grids match torch's
+    if trunk and encoder.fine_tune_blocks:
+        encode = encoder.trunk  # part of the network: PyTorch (computed once per run's images)
+    else:
+        encode = load_runtime(encoder, config.size, AUTO, device)  # the fastest installed runtime; grids match torch's
     with torch.inference_mode():
         probe = encode(torch.zeros(1, 3, config.size, config.size, device=device))
     shape = (len(paths), *probe.shape[1:])

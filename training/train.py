@@ -43,12 +43,11 @@ from captioner.decoding import decode
 from captioner.distributed import Launch, average_gradients, barrier, broadcast_from_main, init_distributed
 from captioner.encoder import build_encoder, get_backbone
 from captioner.model import CaptionDecoder, masked_cross_entropy
-from captioner.preprocess import PreprocessConfig, preprocess
 from captioner.vocabulary import Vocabulary
 from training.config import Config
 from training.data import CaptionDataset, first_images, load_coco
 from training.evaluation import compute_metrics, format_metrics, score_captions
-from training.features import FeatureCache, build_feature_cache
+from training.features import FeatureCache, TopOfTrunk, build_feature_cache
 from training.report import plot_curves
 from training.scst import CiderD, scst_loss
 from training.scst import check_baseline as check_scst_baseline
@@ -60,7 +59,7 @@ RECORDED_DECODING = ("strategy", "beam_size", "max_length", "length_penalty", "n
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: (image, caption) pairs whose image side is a cached feature grid, or a preprocessed image when fine-tuning.
+# Data: (image, caption) pairs whose image side is a cached grid (or the frozen trunk's output, when fine-tuning).
 
 
 def encode_captions(
@@ -83,7 +82,7 @@ def encode_captions(
 
 
 class CaptionPairs(Dataset):
-    """Index i -> (image input, tokens): the cached grid of the pair's image, or the preprocessed image.
+    """Index i -> (image features, tokens): the cached grid of the pair's image (the trunk's output when fine-tuning).
 
     With a ``mirror_cache`` (the grids of the horizontally flipped images), :meth:`choose_mirrored` draws, for each
     epoch, which pairs read their image's mirrored grid instead: a seeded coin per pair, so a resumed or distributed
@@ -91,16 +90,9 @@ class CaptionPairs(Dataset):
     """
 
     def __init__(
-        self,
-        rows: Tensor,
-        tokens: Tensor,
-        cache: FeatureCache | None,
-        dataset: CaptionDataset,
-        preprocess_config: PreprocessConfig,
-        mirror_cache: FeatureCache | None = None,
+        self, rows: Tensor, tokens: Tensor, cache: FeatureCache, mirror_cache: FeatureCache | None = None
     ) -> None:
         self.rows, self.tokens, self.cache, self.mirror_cache = rows, tokens, cache, mirror_cache
-        self.dataset, self.preprocess_config = dataset, preprocess_config
         self.mirrored = torch.zeros(len(rows), dtype=torch.bool)
 
     def choose_mirrored(self, seed: int, epoch: int) -> None:
@@ -114,12 +106,8 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         row = int(self.rows[index])
-        if self.cache is not None:
-            cache = self.mirror_cache if self.mirrored[index] else self.cache
-            image = torch.from_numpy(np.asarray(cache.features[row], dtype=np.float32))
-        else:
-            image = preprocess(self.dataset.images[row].path, self.preprocess_config)
-        return image, self.tokens[index]
+        cache = self.mirror_cache if self.mirrored[index] else self.cache
+        return torch.from_numpy(np.asarray(cache.features[row], dtype=np.float32)), self.tokens[index]
 
 
 def epoch_batches(
@@ -206,7 +194,7 @@ def tbptt_backward(decoder: CaptionDecoder, grid: Tensor, tokens: Tensor, config
 def validate(
     decoder: CaptionDecoder,
     vocab: Vocabulary,
-    cache: FeatureCache,
+    cache: FeatureCache | TopOfTrunk,
     dataset: CaptionDataset,
     config: Config,
     device: torch.device,
@@ -247,8 +235,8 @@ class Run:
     train_set: CaptionDataset
     val_set: CaptionDataset
     vocab: Vocabulary
-    train_cache: FeatureCache | None  # None when fine-tuning the encoder (images are encoded in every step)
-    val_cache: FeatureCache
+    train_cache: FeatureCache  # the encoder's grids, or its frozen trunk's output when fine-tuning
+    val_cache: FeatureCache  # the same for the validation images
     pairs: CaptionPairs
     usable: set[int]  # training images whose features could be computed
     encoder: nn.Module
@@ -268,6 +256,10 @@ class Run:
     def fine_tune(self) -> bool:
         return self.config.encoder.fine_tune_blocks > 0
 
+    def grids(self, cache: FeatureCache) -> FeatureCache | TopOfTrunk:
+        """``cache`` read as the encoder's grids: through the fine-tuned blocks as they are now, when there are any."""
+        return TopOfTrunk(cache, self.encoder) if self.fine_tune else cache
+
     @property
     def evaluated(self) -> nn.Module:
         """The weights validation scores and best/ keeps: the moving average when there is one."""
@@ -278,8 +270,6 @@ def check_config(config: Config, launch: Launch) -> None:
     """Refuse combinations that cannot work now, rather than after hours of training."""
     if launch.world > 1 and config.train.tbptt:
         raise ValueError("train.tbptt is not supported under torchrun (DistributedDataParallel); set it to 0")
-    if config.train.mirror_images and config.encoder.fine_tune_blocks > 0:
-        raise ValueError("train.mirror_images needs cached features: set encoder.fine_tune_blocks = 0")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
     if not 0.0 <= config.train.scheduled_sampling <= 1.0:
@@ -364,6 +354,7 @@ def set_up(config: Config, out: Path, resume: bool) -> Run:
     fine_tune = config.encoder.fine_tune_blocks > 0
 
     def cache_for(dataset: CaptionDataset, mirrored: bool = False) -> FeatureCache:
+        # Fine-tuning caches the frozen blocks' output; each step runs the blocks it trains (Encoder.top).
         return build_feature_cache(
             encoder,
             preprocess_config,
@@ -373,19 +364,20 @@ def set_up(config: Config, out: Path, resume: bool) -> Run:
             workers=config.train.workers,
             device=str(device),
             mirrored=mirrored,
+            trunk=fine_tune,
         )
 
     # Rank 0 fills the cache first; the other ranks then read the finished entry.
     if not launch.main:
         barrier(launch)
     val_cache = cache_for(val_set)
-    train_cache = None if fine_tune else cache_for(train_set)
+    train_cache = cache_for(train_set)
     mirror_cache = cache_for(train_set, mirrored=True) if config.train.mirror_images else None
     if launch.main:
         barrier(launch)
-    usable = set(range(len(train_set.images))) - (train_cache.failed if train_cache else set())
+    usable = set(range(len(train_set.images))) - train_cache.failed
     rows, tokens = encode_captions(train_set, vocab, config.data.max_caption_length, usable)
-    pairs = CaptionPairs(rows, tokens, train_cache, train_set, preprocess_config, mirror_cache)
+    pairs = CaptionPairs(rows, tokens, train_cache, mirror_cache)
     log.info("training pairs: %d captions of %d images", len(pairs), len(usable))
 
     # --- model, optimizer, schedule
@@ -493,7 +485,7 @@ def xe_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
         lengths=(run.pairs.tokens != pad).sum(dim=1) if config.train.bucket_by_length else None,
     )
     run.pairs.choose_mirrored(config.train.seed, epoch)
-    loader = DataLoader(run.pairs, batch_sampler=batches, num_workers=config.train.workers if run.fine_tune else 0)
+    loader = DataLoader(run.pairs, batch_sampler=batches)  # memory-mapped rows: no worker processes needed
     bar = tqdm(loader, desc=f"epoch {epoch}/{total_epochs} xe", disable=not run.launch.main, unit="batch")
     losses = []
     for images, tokens in bar:
@@ -501,7 +493,7 @@ def xe_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
         tokens = tokens[:, : int((tokens != pad).sum(1).max())]  # trim padding
         run.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_amp):
-            grid = run.encoder(images) if run.fine_tune else images
+            grid = run.encoder.top(images) if run.fine_tune else images  # the trunk's output, when fine-tuning
             if config.train.tbptt:
                 loss_value = tbptt_backward(run.decoder, grid, tokens, config, pad)
             else:
@@ -518,8 +510,6 @@ def xe_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
 
 def start_scst(run: Run) -> None:
     """Self-critical training starts from the best cross-entropy weights, with a fresh optimizer."""
-    if run.train_cache is None:
-        raise ValueError("SCST needs cached features: set encoder.fine_tune_blocks = 0 or scst.epochs = 0")
     if (run.out / "best").is_dir():
         run.decoder.load_state_dict(load_model(run.out / "best").decoder.state_dict())
     if run.ema is not None:  # the average restarts from the weights SCST starts from
@@ -541,7 +531,7 @@ def scst_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
     losses = []
     for batch in bar:
         rows = [image_rows[i] for i in batch]
-        grid = run.train_cache.grids(rows).to(run.device)
+        grid = run.grids(run.train_cache).grids(rows).to(run.device)  # SCST trains the decoder only
         run.optimizer.zero_grad(set_to_none=True)
         loss, reward, baseline = scst_loss(
             run.decoder,
@@ -603,11 +593,11 @@ def end_of_epoch(run: Run, epoch: int, stage: str, losses: list[float], epoch_st
     improved = False
     if epoch % config.train.eval_every == 0 or epoch in (config.train.epochs, total_epochs):
         eval_start = time.time()
-        scores, _ = validate(run.evaluated, run.vocab, run.val_cache, run.val_set, config, run.device)
+        scores, _ = validate(run.evaluated, run.vocab, run.grids(run.val_cache), run.val_set, config, run.device)
         entry["val"] = scores
         if run.ema is not None:  # the trained weights too, to show what the averaging adds
-            entry["val_trained_weights"], _ = validate(run.decoder, run.vocab, run.val_cache, run.val_set, config,
-                                                       run.device)
+            entry["val_trained_weights"], _ = validate(run.decoder, run.vocab, run.grids(run.val_cache), run.val_set,
+                                                       config, run.device)
         entry["eval_seconds"] = time.time() - eval_start
         for key, value in scores.items():
             run.writer.add_scalar(f"val/{key}", value, epoch)
@@ -665,34 +655,34 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
     if run.writer is not None:
         run.writer.close()
     if run.launch.main and (run.out / "best").is_dir():
-        final_evaluation(run.out / "best", config, run.val_set, run.val_cache, run.device, time.time() - run.started)
+        final_evaluation(run.out / "best", config, run.val_set, run.device, time.time() - run.started)
     barrier(run.launch)
     log.info("training finished in %.0fs", time.time() - run.started)
     return run.out / "best"
 
 
 def final_evaluation(
-    best_dir: Path, config: Config, val_set: CaptionDataset, val_cache: FeatureCache, device: torch.device,
-    seconds: float,
+    best_dir: Path, config: Config, val_set: CaptionDataset, device: torch.device, seconds: float
 ) -> None:
     """Score the best model on the validation split (and the test split, if configured) with every metric.
 
-    Uses the cached encoder grids (the same preprocessing and encoder as captioning a file) and the Java PTB
-    tokenizer when Java is present; the scores are recorded in the best model's config.json.
+    Uses the best model's encoder grids, cached (the same preprocessing and encoder as captioning a file: for a
+    frozen encoder the entries training used, for a fine-tuned one its own), and the Java PTB tokenizer when Java
+    is present; the scores are recorded in the best model's config.json.
     """
     best = load_model(best_dir, device)
     java = shutil.which("java") is not None
     metrics = ("bleu", "meteor", "rouge", "cider") if java else ("bleu", "rouge", "cider")
-    splits = {"val": (val_set, val_cache)}
+    splits = {"val": val_set}
     if config.data.test_annotations:
-        test_set = first_images(load_coco(config.data.test_annotations, config.data.images), config.data.max_images)
-        test_cache = build_feature_cache(
-            best.encoder, best.preprocess, [r.path for r in test_set.images], config.train.cache_dir,
+        splits["test"] = first_images(load_coco(config.data.test_annotations, config.data.images),
+                                      config.data.max_images)
+    scores = {}
+    for name, dataset in splits.items():
+        cache = build_feature_cache(
+            best.encoder, best.preprocess, [r.path for r in dataset.images], config.train.cache_dir,
             config.train.cache_dtype, workers=config.train.workers, device=str(device),
         )
-        splits["test"] = (test_set, test_cache)
-    scores = {}
-    for name, (dataset, cache) in splits.items():
         full = dataclasses.replace(config, eval=dataclasses.replace(config.eval, max_images=0))
         _, predictions = validate(best.decoder, best.vocab, cache, dataset, full, device, metrics=())
         references = {r.image_id: r.captions for r in dataset.images if r.image_id in predictions}
