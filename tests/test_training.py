@@ -336,8 +336,10 @@ def test_scheduled_sampling_reaches_the_decoder_in_training(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun test written for Linux")
-def test_torchrun_two_cpu_processes(tmp_path: Path, data: dict[str, Path]) -> None:
-    config_file = tiny_config(tmp_path, data, train={"epochs": 2})
+@pytest.mark.parametrize("encoder", [{}, {"fine_tune_blocks": 1}], ids=["frozen", "fine-tuned"])
+def test_torchrun_two_cpu_processes(tmp_path: Path, data: dict[str, Path], encoder: dict) -> None:
+    """Two ranks train together; fine-tuning averages the encoder's gradients too (DDP wraps only the decoder)."""
+    config_file = tiny_config(tmp_path, data, train={"epochs": 2}, encoder=encoder)
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(

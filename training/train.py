@@ -500,6 +500,8 @@ def xe_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
                 loss = caption_loss(run.net, grid, tokens, config, pad, sample_prob(config, epoch))
                 loss.backward()
                 loss_value = float(loss.detach())
+        if run.fine_tune:  # DistributedDataParallel wraps the decoder: the encoder's trained blocks are averaged here
+            average_gradients(run.encoder.parameters(), run.launch)
         optimizer_step(run, sync=False)
         losses.append(loss_value)
         lr = run.scheduler.get_last_lr()[0]
