@@ -20,9 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.checkpoint import load_model  # noqa: E402
 from captioner.decoding import DecodingOptions, decode  # noqa: E402
-from training.data import load_coco  # noqa: E402
 from training.evaluation import compute_metrics, distinct_caption_share  # noqa: E402
-from training.features import build_feature_cache  # noqa: E402
+from training.features import cached_split  # noqa: E402
 
 
 def main() -> None:
@@ -40,10 +39,8 @@ def main() -> None:
     metrics = ("bleu", "meteor", "rouge", "cider") if args.official else ("bleu", "cider")
 
     model = load_model(args.model, allow_download=False)
-    dataset = load_coco(args.annotations, args.images or None)
-    cache = build_feature_cache(model.encoder, model.preprocess, [r.path for r in dataset.images], args.cache_dir)
-    rows = [r for r in range(len(dataset.images)) if r not in cache.failed]
-    references = {dataset.images[r].image_id: dataset.images[r].captions for r in rows}
+    split = cached_split(model, args.annotations, args.images or None, args.cache_dir)
+    dataset, rows, references = split.dataset, split.rows, split.references
     grid = itertools.product(
         [int(x) for x in args.beam_sizes.split(",")],
         [float(x) for x in args.length_penalties.split(",")],
@@ -66,7 +63,7 @@ def main() -> None:
         predictions = {}
         for i in range(0, len(rows), args.batch_size):
             batch = rows[i : i + args.batch_size]
-            for row, hyps in zip(batch, decode(model.decoder, cache.grids(batch), model.vocab, options), strict=True):
+            for row, hyps in zip(batch, decode(model.decoder, split.grids(batch), model.vocab, options), strict=True):
                 predictions[dataset.images[row].image_id] = model.vocab.decode(hyps[0].tokens)
         seconds = time.perf_counter() - start
         scores = compute_metrics(predictions, references, metrics=metrics, java_tokenizer=args.official)

@@ -25,10 +25,12 @@ import torch
 from tqdm import tqdm
 
 from captioner.atomic import AtomicFile, atomic_write_text
+from captioner.checkpoint import CaptionModel
 from captioner.encoder import Encoder
 from captioner.image_loader import make_loader
 from captioner.preprocess import PreprocessConfig
 from captioner.runtime import AUTO, load_runtime, weights_digest
+from training.data import CaptionDataset, load_coco
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -173,3 +175,28 @@ def _compute(
         log.warning("%d of %d images could not be read, e.g. %s", len(failed), len(paths), paths[failed[0]])
     # meta.json is written last: its presence marks a complete entry.
     atomic_write_text(entry / "meta.json", json.dumps({"shape": list(shape), "dtype": dtype, "failed": sorted(failed)}))
+
+
+@dataclass
+class CachedSplit:
+    """An annotated split ready to score a model on: its images' grids (cached) and their references."""
+
+    dataset: CaptionDataset
+    cache: FeatureCache
+    rows: list[int]  # the images whose grids could be computed, in the annotations' order
+    references: dict[int, list[str]]  # image id -> reference captions, for those rows
+
+    def grids(self, rows: list[int]) -> torch.Tensor:
+        """Float32 grids for the given rows."""
+        return self.cache.grids(rows)
+
+
+def cached_split(
+    model: CaptionModel, annotations: str | Path, images: str | None, cache_root: str | Path
+) -> CachedSplit:
+    """``annotations`` (COCO format; ``images`` its image folder, None: the annotations' own) with ``model``'s grids,
+    from the features cache: what the decoding scripts score a model on."""
+    dataset = load_coco(annotations, images)
+    cache = build_feature_cache(model.encoder, model.preprocess, [r.path for r in dataset.images], cache_root)
+    rows = [r for r in range(len(dataset.images)) if r not in cache.failed]
+    return CachedSplit(dataset, cache, rows, {dataset.images[r].image_id: dataset.images[r].captions for r in rows})
