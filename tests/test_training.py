@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from training_data import make_dataset, tiny_config
 
 from captioner.api import Captioner
-from captioner.checkpoint import load_model
+from captioner.checkpoint import ensemble_of, load_model
 from captioner.distributed import Launch
 from captioner.encoder import build_encoder
 from captioner.model import CaptionDecoder, DecoderConfig
@@ -169,6 +169,40 @@ def test_fine_tuning_trains_the_top_on_cached_trunks_and_validates_the_encoder_i
     best_epoch = saved["metrics"]["epoch"]
     logged = next(e for e in _history(tmp_path / "run") if e["epoch"] == best_epoch)["val"]
     assert scores["CIDEr"] == pytest.approx(logged["CIDEr"], abs=1e-9)
+
+
+def test_a_second_decoder_trains_on_a_fine_tuned_models_encoder_for_an_ensemble(
+    tmp_path: Path, data: dict[str, Path]
+) -> None:
+    """``encoder.from_model`` trains a decoder on another model's (fine-tuned) encoder, frozen and unchanged, so the
+    two decoders make an ensemble over that one encoder; a conflicting config is refused before any work."""
+    first = train(load_config(tiny_config(
+        tmp_path, data, encoder={"fine_tune_blocks": 1}, train={"epochs": 1, "encoder_lr": 1e-2},
+    )), tmp_path / "first")  # fmt: skip
+    second = train(load_config(tiny_config(
+        tmp_path, data, encoder={"from_model": str(first)}, train={"epochs": 2, "seed": 1},
+    )), tmp_path / "second")  # fmt: skip
+    a, b = load_model(first), load_model(second)
+    assert all(torch.equal(x, y) for x, y in zip(a.encoder.parameters(), b.encoder.parameters(), strict=True))
+    assert not torch.equal(a.decoder.embed.weight, b.decoder.embed.weight)  # its own decoder
+    assert json.loads((second / "config.json").read_text())["encoder"]["fine_tune_blocks"] == 1  # the record stays
+    # The second run read the fine-tuned encoder's whole grids (keyed by its tensors), never the pretrained ones.
+    shapes = sorted(json.loads(m.read_text())["shape"][1] for m in (tmp_path / "cache").glob("*/meta.json"))
+    assert shapes == [320, 320, 1280, 1280]  # first: train and val trunks, final val grids; second: train grids
+    pair = ensemble_of([a, b])
+    captions = Captioner(pair).caption([data["images"] / "red_square_0.png"], strategy="beam", beam_size=2)[0]
+    assert set(captions[0].text.split()) <= set(pair.vocab.words)
+
+    for encoder, match in (
+        ({"from_model": str(first), "fine_tune_blocks": 1}, "frozen"),
+        ({"from_model": str(first), "name": "efficientnet_lite0"}, "has encoder 'mobilenet_v2'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            train(load_config(tiny_config(tmp_path, data, encoder=encoder)), tmp_path / "refused")
+    with pytest.raises(ValueError, match="preprocesses images"):
+        bigger = tiny_config(tmp_path, data, encoder={"from_model": str(first)}, preprocess={"size": 96})
+        train(load_config(bigger), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_mirror_choice_is_seeded_and_reads_the_mirrored_grids() -> None:

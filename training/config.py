@@ -39,6 +39,15 @@ class EncoderConfig:
     name: str = "mobilenet_v2"
     weights: str = ""  # explicit weights file; empty: hub cache, offline package, download
     fine_tune_blocks: int = 0  # > 0 trains the last blocks too (the cache then holds the frozen blocks' output)
+    # A model directory whose encoder (fine-tuned, say) this run uses as it is, frozen: how a second decoder is
+    # trained on a fine-tuned encoder, for an ensemble that shares it. Empty: the pretrained encoder.
+    from_model: str = ""
+
+    def __post_init__(self) -> None:
+        if self.from_model and self.fine_tune_blocks:
+            raise ValueError("encoder.from_model's encoder is used frozen: set encoder.fine_tune_blocks = 0")
+        if self.from_model and self.weights:
+            raise ValueError("encoder.weights names a pretrained file, but encoder.from_model brings its own encoder")
 
 
 @dataclass

@@ -41,10 +41,11 @@ from captioner.atomic import atomic_write_bytes, atomic_write_text
 from captioner.checkpoint import CaptionModel, load_model, read_config, save_model
 from captioner.decoding import decode
 from captioner.distributed import Launch, average_gradients, barrier, broadcast_from_main, init_distributed
-from captioner.encoder import build_encoder, get_backbone
+from captioner.encoder import Encoder, build_encoder, get_backbone
 from captioner.model import CaptionDecoder, masked_cross_entropy
+from captioner.preprocess import PreprocessConfig
 from captioner.vocabulary import Vocabulary
-from training.config import Config
+from training.config import Config, EncoderConfig
 from training.data import CaptionDataset, first_images, load_coco
 from training.evaluation import compute_metrics, format_metrics, score_captions
 from training.features import FeatureCache, TopOfTrunk, build_feature_cache
@@ -107,7 +108,7 @@ class CaptionPairs(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         row = int(self.rows[index])
         cache = self.mirror_cache if self.mirrored[index] else self.cache
-        return torch.from_numpy(np.asarray(cache.features[row], dtype=np.float32)), self.tokens[index]
+        return torch.from_numpy(np.array(cache.features[row], dtype=np.float32)), self.tokens[index]
 
 
 def epoch_batches(
@@ -346,11 +347,7 @@ def set_up(config: Config, out: Path, resume: bool) -> Run:
     # --- encoder and features
     backbone = get_backbone(config.encoder.name)  # its input normalisation goes with the encoder
     preprocess_config = dataclasses.replace(config.preprocess, mean=backbone.mean, std=backbone.std)
-    encoder = build_encoder(
-        config.encoder.name,
-        weights_path=config.encoder.weights or None,
-        fine_tune_blocks=config.encoder.fine_tune_blocks,
-    )
+    encoder = training_encoder(config.encoder, preprocess_config)
     fine_tune = config.encoder.fine_tune_blocks > 0
 
     def cache_for(dataset: CaptionDataset, mirrored: bool = False) -> FeatureCache:
@@ -429,6 +426,28 @@ def set_up(config: Config, out: Path, resume: bool) -> Run:
         use_amp=(config.train.amp and device.type == "cuda") or (config.train.amp_on_cpu and cpu_bf16_is_fast(device)),
         started=started,
     )
+
+
+def training_encoder(config: EncoderConfig, preprocess: PreprocessConfig) -> Encoder:
+    """The run's encoder: the pretrained one (its last ``fine_tune_blocks`` to train), or ``from_model``'s, frozen.
+
+    A model's encoder only computes the grids it was trained to on the images it was trained on, so the run's
+    encoder name and preprocessing must be that model's.
+    """
+    if not config.from_model:
+        return build_encoder(config.name, weights_path=config.weights or None, fine_tune_blocks=config.fine_tune_blocks)
+    source = load_model(config.from_model)
+    if source.encoder.name != config.name:
+        raise ValueError(
+            f"encoder.from_model {config.from_model} has encoder {source.encoder.name!r}, the config {config.name!r}"
+        )
+    if source.preprocess != preprocess:
+        raise ValueError(
+            f"encoder.from_model {config.from_model} preprocesses images as {source.preprocess}, this run as "
+            f"{preprocess}: its encoder was trained on its own input"
+        )
+    # Its record of fine-tuned blocks stays (the features cache keys such an encoder by its tensors); nothing trains.
+    return source.encoder.requires_grad_(False).eval()
 
 
 def cpu_bf16_is_fast(device: torch.device) -> bool:
