@@ -21,11 +21,13 @@ from captioner.checkpoint import ensemble_of, load_model
 from captioner.distributed import Launch
 from captioner.encoder import build_encoder
 from captioner.model import CaptionDecoder, DecoderConfig
+from captioner.tags import pretrained_head
 from training import train as train_module
 from training.config import load_config
 from training.data import load_coco
 from training.features import FeatureCache, build_feature_cache
 from training.scst import CiderD, scst_loss
+from training.tag_head import pooled_grids
 from training.train import (
     CaptionPairs,
     caption_loss,
@@ -170,6 +172,19 @@ def test_fine_tuning_trains_the_top_on_cached_trunks_and_validates_the_encoder_i
     logged = next(e for e in _history(tmp_path / "run") if e["epoch"] == best_epoch)["val"]
     assert scores["CIDEr"] == pytest.approx(logged["CIDEr"], abs=1e-9)
 
+    # Its tags: the pretrained classifier refitted to the tuned grid, stored with the encoder; on the training
+    # photos it names the pretrained network's top class at least as often as the pretrained classifier does.
+    teacher = pretrained_head("mobilenet_v2")
+    assert model.tagger is not None and not torch.equal(model.tagger.classifier.weight, teacher.classifier.weight)
+    train_set = load_coco(config.data.train_annotations, config.data.images)
+    trunk = build_feature_cache(model.encoder, model.preprocess, [r.path for r in train_set.images],
+                                tmp_path / "cache", "float32", workers=0, trunk=True)
+    tuned, reference = pooled_grids(model.encoder, trunk)
+    wanted = teacher.classifier(reference).argmax(1)
+    refitted = (model.tagger.classifier(tuned).argmax(1) == wanted).float().mean()
+    assert refitted >= (teacher.classifier(tuned).argmax(1) == wanted).float().mean()
+    assert len(Captioner(model).tags(data["images"] / "red_square_0.png", k=3)[0]) == 3
+
 
 def test_a_second_decoder_trains_on_a_fine_tuned_models_encoder_for_an_ensemble(
     tmp_path: Path, data: dict[str, Path]
@@ -189,9 +204,11 @@ def test_a_second_decoder_trains_on_a_fine_tuned_models_encoder_for_an_ensemble(
     # The second run read the fine-tuned encoder's whole grids (keyed by its tensors), never the pretrained ones.
     shapes = sorted(json.loads(m.read_text())["shape"][1] for m in (tmp_path / "cache").glob("*/meta.json"))
     assert shapes == [320, 320, 1280, 1280]  # first: train and val trunks, final val grids; second: train grids
+    assert torch.equal(a.tagger.classifier.weight, b.tagger.classifier.weight)  # the encoder's tags come along
     pair = ensemble_of([a, b])
-    captions = Captioner(pair).caption([data["images"] / "red_square_0.png"], strategy="beam", beam_size=2)[0]
-    assert set(captions[0].text.split()) <= set(pair.vocab.words)
+    captions = Captioner(pair).caption([data["images"] / "red_square_0.png"], strategy="beam", beam_size=2,
+                                       num_tags=2)[0]
+    assert set(captions[0].text.split()) <= set(pair.vocab.words) and len(captions.tags) == 2
 
     for encoder, match in (
         ({"from_model": str(first), "fine_tune_blocks": 1}, "frozen"),

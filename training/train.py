@@ -44,6 +44,7 @@ from captioner.distributed import Launch, average_gradients, barrier, broadcast_
 from captioner.encoder import Encoder, build_encoder, get_backbone
 from captioner.model import CaptionDecoder, masked_cross_entropy
 from captioner.preprocess import PreprocessConfig
+from captioner.tags import TagHead
 from captioner.vocabulary import Vocabulary
 from training.config import Config, EncoderConfig
 from training.data import CaptionDataset, first_images, load_coco
@@ -52,6 +53,7 @@ from training.features import FeatureCache, TopOfTrunk, build_feature_cache
 from training.report import plot_curves
 from training.scst import CiderD, scst_loss
 from training.scst import check_baseline as check_scst_baseline
+from training.tag_head import refit_tag_head
 
 log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
@@ -347,7 +349,7 @@ def set_up(config: Config, out: Path, resume: bool) -> Run:
     # --- encoder and features
     backbone = get_backbone(config.encoder.name)  # its input normalisation goes with the encoder
     preprocess_config = dataclasses.replace(config.preprocess, mean=backbone.mean, std=backbone.std)
-    encoder = training_encoder(config.encoder, preprocess_config)
+    encoder, tagger = training_encoder(config.encoder, preprocess_config)
     fine_tune = config.encoder.fine_tune_blocks > 0
 
     def cache_for(dataset: CaptionDataset, mirrored: bool = False) -> FeatureCache:
@@ -383,7 +385,8 @@ def set_up(config: Config, out: Path, resume: bool) -> Run:
     ).to(device)
     encoder.to(device)
     model = CaptionModel(
-        encoder, decoder, vocab, preprocess_config, name=config.output.name, version=config.output.version
+        encoder, decoder, vocab, preprocess_config, name=config.output.name, version=config.output.version,
+        tagger=tagger,
     )
     # Polyak averaging: validation and best/ use the moving average of the weights, last/ the trained weights.
     ema = None
@@ -428,14 +431,18 @@ def set_up(config: Config, out: Path, resume: bool) -> Run:
     )
 
 
-def training_encoder(config: EncoderConfig, preprocess: PreprocessConfig) -> Encoder:
-    """The run's encoder: the pretrained one (its last ``fine_tune_blocks`` to train), or ``from_model``'s, frozen.
+def training_encoder(config: EncoderConfig, preprocess: PreprocessConfig) -> tuple[Encoder, TagHead | None]:
+    """The run's encoder: the pretrained one (its last ``fine_tune_blocks`` to train), or ``from_model``'s, frozen,
+    with that model's tags classifier (None: a pretrained encoder's, found at load time).
 
     A model's encoder only computes the grids it was trained to on the images it was trained on, so the run's
     encoder name and preprocessing must be that model's.
     """
     if not config.from_model:
-        return build_encoder(config.name, weights_path=config.weights or None, fine_tune_blocks=config.fine_tune_blocks)
+        encoder = build_encoder(
+            config.name, weights_path=config.weights or None, fine_tune_blocks=config.fine_tune_blocks
+        )
+        return encoder, None
     source = load_model(config.from_model)
     if source.encoder.name != config.name:
         raise ValueError(
@@ -447,7 +454,7 @@ def training_encoder(config: EncoderConfig, preprocess: PreprocessConfig) -> Enc
             f"{preprocess}: its encoder was trained on its own input"
         )
     # Its record of fine-tuned blocks stays (the features cache keys such an encoder by its tensors); nothing trains.
-    return source.encoder.requires_grad_(False).eval()
+    return source.encoder.requires_grad_(False).eval(), source.tagger
 
 
 def cpu_bf16_is_fast(device: torch.device) -> bool:
@@ -676,6 +683,10 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
     if run.writer is not None:
         run.writer.close()
     if run.launch.main and (run.out / "best").is_dir():
+        if run.fine_tune:  # the pretrained classifier no longer reads the tuned grid (training/tag_head.py)
+            best = load_model(run.out / "best")
+            best.tagger = refit_tag_head(best.encoder, run.train_cache)
+            save_model(best, run.out / "best")
         final_evaluation(run.out / "best", config, run.val_set, run.device, time.time() - run.started)
     barrier(run.launch)
     log.info("training finished in %.0fs", time.time() - run.started)

@@ -1,0 +1,70 @@
+"""Tags for a fine-tuned encoder: the pretrained ImageNet classifier refitted to the grids the encoder computes now.
+
+Tags are the pretrained classifier on the pooled feature grid (:mod:`captioner.tags`). Fine-tuning the encoder's top
+blocks for captioning changes that grid, so the classifier cut from the pretrained file no longer reads it well:
+for Lite0 with its top two blocks fine-tuned (Flickr8k dev photos), its top class is the pretrained network's for
+52% of the photos. Running the pretrained top blocks beside the tuned ones would give the exact tags, at ~12% more
+encoder work on every image; instead the classifier is refitted once, after training, to give the pretrained
+network's class probabilities from the tuned grid (distillation: cross-entropy against the pretrained network's
+probabilities on the training photos, starting from the pretrained classifier), which costs nothing at inference.
+Measured on the same model: the top class agrees for 71% of dev and 70% of test photos, and 75% of the top five.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from captioner.encoder import Encoder, build_encoder
+from captioner.errors import CheckpointError
+from captioner.tags import TagHead, pretrained_head
+from training.features import FeatureCache
+
+log = logging.getLogger(__name__)
+
+
+def pooled_grids(encoder: Encoder, trunk: FeatureCache, batch_size: int = 250) -> tuple[Tensor, Tensor]:
+    """Per image of a trunk cache (the frozen blocks' output), the pooled grid (N, C) of ``encoder``'s tuned top and
+    that of the pretrained top it started from."""
+    pretrained = build_encoder(encoder.name, fine_tune_blocks=encoder.fine_tune_blocks, allow_download=False)
+    if pretrained.weights_sha256 != encoder.weights_sha256:
+        raise CheckpointError(
+            f"the encoder started from weights {encoder.weights_sha256}, but the installed {encoder.name} file has "
+            f"{pretrained.weights_sha256}: its tags cannot be refitted"
+        )
+    rows = [r for r in range(len(trunk.paths)) if r not in trunk.failed]
+    tuned, reference = [], []
+    with torch.no_grad():
+        encoder.eval()
+        for start in range(0, len(rows), batch_size):
+            grids = trunk.grids(rows[start : start + batch_size])
+            tuned.append(encoder.top(grids).mean(dim=(2, 3)))
+            reference.append(pretrained.top(grids).mean(dim=(2, 3)))
+    return torch.cat(tuned), torch.cat(reference)
+
+
+def refit_tag_head(encoder: Encoder, trunk: FeatureCache, steps: int = 200, lr: float = 1e-3) -> TagHead:
+    """The tags classifier of a fine-tuned ``encoder``: the pretrained one, refitted (full-batch Adam, ``steps``
+    steps; deterministic) so that on the images of ``trunk`` the tuned pooled grid gives the class probabilities
+    the pretrained network gives."""
+    teacher = pretrained_head(encoder.name)
+    if teacher is None:
+        raise CheckpointError(f"{encoder.name}'s pretrained file has no classifier: no tags to refit")
+    tuned, reference = pooled_grids(encoder, trunk)
+    with torch.no_grad():
+        targets = teacher.classifier(reference).softmax(dim=-1)
+    head = TagHead(encoder.channels)
+    head.classifier.load_state_dict(teacher.classifier.state_dict())
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = -(targets * head.classifier(tuned).log_softmax(dim=-1)).sum(dim=1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        agreement = (head.classifier(tuned).argmax(1) == targets.argmax(1)).float().mean().item()
+    log.info("tags refitted on %d images: top class as the pretrained network's for %.1f%%", len(tuned),
+             100 * agreement)
+    return head.eval()
