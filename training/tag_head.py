@@ -13,6 +13,7 @@ Measured on the same model: the top class agrees for 71% of dev and 70% of test 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -25,10 +26,14 @@ from training.features import FeatureCache
 log = logging.getLogger(__name__)
 
 
-def pooled_grids(encoder: Encoder, trunk: FeatureCache, batch_size: int = 250) -> tuple[Tensor, Tensor]:
+def pooled_grids(
+    encoder: Encoder, trunk: FeatureCache, weights_path: str | Path | None = None, batch_size: int = 250
+) -> tuple[Tensor, Tensor]:
     """Per image of a trunk cache (the frozen blocks' output), the pooled grid (N, C) of ``encoder``'s tuned top and
-    that of the pretrained top it started from."""
-    pretrained = build_encoder(encoder.name, fine_tune_blocks=encoder.fine_tune_blocks, allow_download=False)
+    that of the pretrained top it started from (``weights_path``: its pretrained file, as training was given it)."""
+    pretrained = build_encoder(
+        encoder.name, weights_path=weights_path, fine_tune_blocks=encoder.fine_tune_blocks, allow_download=False
+    )
     if pretrained.weights_sha256 != encoder.weights_sha256:
         raise CheckpointError(
             f"the encoder started from weights {encoder.weights_sha256}, but the installed {encoder.name} file has "
@@ -45,14 +50,18 @@ def pooled_grids(encoder: Encoder, trunk: FeatureCache, batch_size: int = 250) -
     return torch.cat(tuned), torch.cat(reference)
 
 
-def refit_tag_head(encoder: Encoder, trunk: FeatureCache, steps: int = 200, lr: float = 1e-3) -> TagHead:
+def refit_tag_head(
+    encoder: Encoder, trunk: FeatureCache, weights_path: str | Path | None = None, steps: int = 200, lr: float = 1e-3
+) -> TagHead | None:
     """The tags classifier of a fine-tuned ``encoder``: the pretrained one, refitted (full-batch Adam, ``steps``
     steps; deterministic) so that on the images of ``trunk`` the tuned pooled grid gives the class probabilities
-    the pretrained network gives."""
-    teacher = pretrained_head(encoder.name)
+    the pretrained network gives. None when the pretrained file has no classifier (no tags, as without fine-tuning).
+    """
+    teacher = pretrained_head(encoder.name, weights_path)
     if teacher is None:
-        raise CheckpointError(f"{encoder.name}'s pretrained file has no classifier: no tags to refit")
-    tuned, reference = pooled_grids(encoder, trunk)
+        log.warning("%s's pretrained file has no classifier: the model has no tags", encoder.name)
+        return None
+    tuned, reference = pooled_grids(encoder, trunk, weights_path)
     with torch.no_grad():
         targets = teacher.classifier(reference).softmax(dim=-1)
     head = TagHead(encoder.channels)

@@ -685,7 +685,7 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
     if run.launch.main and (run.out / "best").is_dir():
         if run.fine_tune:  # the pretrained classifier no longer reads the tuned grid (training/tag_head.py)
             best = load_model(run.out / "best")
-            best.tagger = refit_tag_head(best.encoder, run.train_cache)
+            best.tagger = refit_tag_head(best.encoder, run.train_cache, config.encoder.weights or None)
             save_model(best, run.out / "best")
         final_evaluation(run.out / "best", config, run.val_set, run.device, time.time() - run.started)
     barrier(run.launch)
