@@ -12,7 +12,7 @@ from tiny_models import TINY_CAPTIONS
 from training_data import make_dataset
 
 from captioner.checkpoint import CaptionModel, load_model, save_model
-from captioner.encoder import build_encoder
+from captioner.encoder import build_encoder, get_backbone
 from captioner.model import CaptionDecoder, DecoderConfig
 from captioner.preprocess import PreprocessConfig
 from captioner.tags import pretrained_head
@@ -32,7 +32,8 @@ def _fine_tuned_model(path: Path) -> Path:
     vocab = Vocabulary.build(TINY_CAPTIONS, min_count=1)
     decoder = CaptionDecoder(DecoderConfig(len(vocab), encoder.channels, embed_dim=16, hidden_dim=32,
                                            attention_dim=16))
-    preprocess = PreprocessConfig(size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    backbone = get_backbone("mobilenet_v2")
+    preprocess = PreprocessConfig(size=64, mean=backbone.mean, std=backbone.std)
     save_model(CaptionModel(encoder.eval(), decoder.eval(), vocab, preprocess), path)
     return path
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from captioner.encoder import Encoder, build_encoder
 from captioner.errors import CheckpointError
 from captioner.tags import TagHead, pretrained_head
-from training.features import FeatureCache
+from training.features import FeatureCache, TopOfTrunk
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,12 @@ def pooled_grids(
             f"{pretrained.weights_sha256}: its tags cannot be refitted"
         )
     rows = [r for r in range(len(trunk.paths)) if r not in trunk.failed]
+    tuned_top, pretrained_top = TopOfTrunk(trunk, encoder), TopOfTrunk(trunk, pretrained)
     tuned, reference = [], []
-    with torch.no_grad():
-        encoder.eval()
-        for start in range(0, len(rows), batch_size):
-            grids = trunk.grids(rows[start : start + batch_size])
-            tuned.append(encoder.top(grids).mean(dim=(2, 3)))
-            reference.append(pretrained.top(grids).mean(dim=(2, 3)))
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        tuned.append(tuned_top.grids(batch).mean(dim=(2, 3)).cpu())  # the encoder may be on a GPU
+        reference.append(pretrained_top.grids(batch).mean(dim=(2, 3)).cpu())
     return torch.cat(tuned), torch.cat(reference)
 
 

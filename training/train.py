@@ -683,26 +683,30 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
     if run.writer is not None:
         run.writer.close()
     if run.launch.main and (run.out / "best").is_dir():
-        if run.fine_tune:  # the pretrained classifier no longer reads the tuned grid (training/tag_head.py)
-            best = load_model(run.out / "best")
-            best.tagger = refit_tag_head(best.encoder, run.train_cache, config.encoder.weights or None)
-            save_model(best, run.out / "best")
-        final_evaluation(run.out / "best", config, run.val_set, run.device, time.time() - run.started)
+        # A fine-tuned encoder's grid no longer reads well through the pretrained classifier (training/tag_head.py)
+        tags_from = run.train_cache if run.fine_tune else None
+        final_evaluation(run.out / "best", config, run.val_set, run.device, time.time() - run.started, tags_from)
     barrier(run.launch)
     log.info("training finished in %.0fs", time.time() - run.started)
     return run.out / "best"
 
 
 def final_evaluation(
-    best_dir: Path, config: Config, val_set: CaptionDataset, device: torch.device, seconds: float
+    best_dir: Path, config: Config, val_set: CaptionDataset, device: torch.device, seconds: float,
+    refit_tags_on: FeatureCache | None = None,
 ) -> None:
     """Score the best model on the validation split (and the test split, if configured) with every metric.
+
+    With ``refit_tags_on`` (a fine-tuning run's trunk cache of the training photos), first refit the tags
+    classifier to the best model's tuned encoder, stored with the scores in the same save.
 
     Uses the best model's encoder grids, cached (the same preprocessing and encoder as captioning a file: for a
     frozen encoder the entries training used, for a fine-tuned one its own), and the Java PTB tokenizer when Java
     is present; the scores are recorded in the best model's config.json.
     """
     best = load_model(best_dir, device)
+    if refit_tags_on is not None:
+        best.tagger = refit_tag_head(best.encoder, refit_tags_on, config.encoder.weights or None)
     java = shutil.which("java") is not None
     metrics = ("bleu", "meteor", "rouge", "cider") if java else ("bleu", "rouge", "cider")
     splits = {"val": val_set}
