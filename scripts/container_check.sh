@@ -34,10 +34,10 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 BASE=localhost/captioner-base:bookworm
 IMAGE=localhost/captioner:check
 SAMPLE=captioner/samples/cat.jpg
-# The bundled model's answer for the sample: the one copy, in the samples' table of captions, which
-# tests/test_default_model.py checks against the model's own output (so it follows every new default model).
+# The bundled model's answer for the sample (caption and first tag): the one copy, in the samples' table of
+# captions, which tests/test_default_model.py checks against the model's own output (so it follows every new model).
 EXPECTED_CAPTION=$(sed -n 's/^| `cat\.jpg` | \([^|]*[^ |]\) | [^|]* |$/\1/p' captioner/samples/LICENSES.md)
-EXPECTED_TAG="Egyptian cat"
+EXPECTED_TAG=$(sed -n 's/^| `cat\.jpg` | .*(first tag: "\([^"]*\)" [0-9.]*) |$/\1/p' captioner/samples/LICENSES.md)
 STORAGE=(--root "$WORK/storage" --runroot "$WORK/run" --storage-driver vfs)
 
 step() { printf '\n== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
@@ -45,6 +45,7 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 ok() { echo "ok: $*"; }
 
 [ -n "$EXPECTED_CAPTION" ] || fail "no caption for $SAMPLE in captioner/samples/LICENSES.md"
+[ -n "$EXPECTED_TAG" ] || fail "no first tag for $SAMPLE in captioner/samples/LICENSES.md"
 [ "$(id -u)" = 0 ] || fail "run as root (mmdebstrap and buildah's chroot isolation need it)"
 for tool in mmdebstrap buildah podman curl unshare ip python3; do
     if ! command -v "$tool" >/dev/null; then

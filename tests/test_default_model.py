@@ -74,6 +74,9 @@ def test_sample_captions_are_the_ones_the_readme_and_licences_show(captioner: Ca
     # Its limits: no cats and no food in its world; the tags name what the caption cannot, as the README says.
     assert "cat" not in captions["cat.jpg"].split() and "pizza" not in captions["pizza.jpg"].split()
     assert results["cat.jpg"].tags[0].label == "Egyptian cat" and results["pizza.jpg"].tags[0].label == "pizza"
+    for name in ("cat.jpg", "pizza.jpg"):  # the table quotes the first tag too (scripts/container_check.sh reads it)
+        first = results[name].tags[0]
+        assert f'(first tag: "{first.label}" {first.probability:.2f}) |' in licences, (name, first)
 
 
 def test_captions_flickr8k_test_photos_sensibly(captioner: Captioner, flickr8k_dir: Path) -> None:
