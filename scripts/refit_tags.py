@@ -8,6 +8,12 @@ model trained before it did, from the same training photos:
 
 The photos' trunk grids come from the features cache (the entry the training run made). Exit 2 with one line when
 the model has no fine-tuned encoder or its tags cannot be refitted.
+
+``--check`` changes nothing: it prints how closely the model's tags follow the pretrained network's on the photos
+of ``--annotations`` (held-out ones, e.g. the dev split), against the pretrained classifier unrefitted:
+
+    .venv/bin/python scripts/refit_tags.py runs/v7-ft2/best --check \
+        --annotations data/flickr8k/captions_dev.json --images ../shared/data/flickr8k/images
 """
 
 from __future__ import annotations
@@ -18,11 +24,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioner.checkpoint import load_model, save_model  # noqa: E402
+from captioner.checkpoint import CaptionModel, load_model, save_model  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
+from captioner.tags import pretrained_head  # noqa: E402
 from training.data import load_coco  # noqa: E402
-from training.features import build_feature_cache  # noqa: E402
-from training.tag_head import refit_tag_head  # noqa: E402
+from training.features import FeatureCache, build_feature_cache  # noqa: E402
+from training.tag_head import agreement, pooled_grids, refit_tag_head  # noqa: E402
+
+
+def check(model: CaptionModel, trunk: FeatureCache) -> str:
+    """How often the model's tags head and the pretrained one (unrefitted) agree with the pretrained network."""
+    teacher = pretrained_head(model.encoder.name)
+    if model.tagger is None or teacher is None:
+        raise CaptionerError("the model or its pretrained file has no tags classifier")
+    tuned, reference = pooled_grids(model.encoder, trunk)
+    refitted, unrefitted = (agreement(head, tuned, teacher, reference) for head in (model.tagger, teacher))
+    return (f"top tag as the pretrained network's for {refitted[0]:.1%} (the pretrained classifier unrefitted: "
+            f"{unrefitted[0]:.1%}), top five in common {refitted[1]:.1%} ({unrefitted[1]:.1%})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--annotations", required=True, help="the training split it was trained on (COCO format)")
     parser.add_argument("--images", default="")
     parser.add_argument("--cache-dir", default="cache/features")
+    parser.add_argument("--check", action="store_true", help="only measure the tags' agreement; change nothing")
     args = parser.parse_args(argv)
     try:
         model = load_model(args.model, allow_download=False)
@@ -41,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         trunk = build_feature_cache(
             model.encoder, model.preprocess, [r.path for r in dataset.images], args.cache_dir, trunk=True
         )
+        if args.check:
+            print(f"refit_tags: {args.model} on {len(dataset.images)} photos: {check(model, trunk)}")
+            return 0
         model.tagger = refit_tag_head(model.encoder, trunk)
     except (CaptionerError, OSError, ValueError) as exc:
         print(f"refit_tags: cannot refit the tags of {args.model}: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,22 @@ def test_refits_a_fine_tuned_models_tags_in_place(tmp_path: Path) -> None:
     assert model.tagger is not None and not torch.equal(model.tagger.classifier.weight, teacher.classifier.weight)
     after = load_file(str(model_dir / "model.safetensors"))
     assert all(torch.equal(before[key], after[key]) for key in before)  # encoder and decoder untouched
+
+
+def test_check_measures_the_tags_agreement_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = make_dataset(tmp_path / "data")
+    model_dir = _fine_tuned_model(tmp_path / "model")
+    args = ["--annotations", str(data["train"]), "--images", str(data["images"]), "--cache-dir", str(tmp_path / "c")]
+    assert refit_tags.main([str(model_dir), *args]) == 0
+    capsys.readouterr()
+    files = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    assert refit_tags.main([str(model_dir), "--check", *args]) == 0
+    line = capsys.readouterr().out.strip()
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == files
+    refitted, unrefitted = (float(x) for x in re.findall(r"([0-9.]+)%", line)[:2])  # top tag: refitted, pretrained
+    assert refitted >= unrefitted, line  # refitted on these photos: at least as close as the pretrained head
 
 
 def test_refuses_what_it_cannot_refit(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:

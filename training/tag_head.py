@@ -71,8 +71,19 @@ def refit_tag_head(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    with torch.no_grad():
-        agreement = (head.classifier(tuned).argmax(1) == targets.argmax(1)).float().mean().item()
+    same_top, _ = agreement(head, tuned, teacher, reference)
     log.info("tags refitted on %d images: top class as the pretrained network's for %.1f%%", len(tuned),
-             100 * agreement)
+             100 * same_top)
     return head.eval()
+
+
+def agreement(head: TagHead, tuned: Tensor, teacher: TagHead, reference: Tensor, k: int = 5) -> tuple[float, float]:
+    """How closely ``head`` on the tuned pooled grids gives the pretrained network's tags (``teacher`` on the
+    pretrained pooled grids, as :func:`pooled_grids` returns them): the share of images with the same top class, and
+    the mean share of the top ``k`` classes in common."""
+    with torch.no_grad():
+        got = head.classifier(tuned).topk(k).indices
+        want = teacher.classifier(reference).topk(k).indices
+    same_top = (got[:, 0] == want[:, 0]).float().mean().item()
+    in_common = sum(len(set(g.tolist()) & set(w.tolist())) for g, w in zip(got, want, strict=True))
+    return same_top, in_common / (k * len(got))
