@@ -684,8 +684,8 @@ def train(config: Config, out: str | Path, resume: bool = False) -> Path:
         run.writer.close()
     if run.launch.main and (run.out / "best").is_dir():
         # A fine-tuned encoder's grid no longer reads well through the pretrained classifier (training/tag_head.py)
-        tags_from = run.train_cache if run.fine_tune else None
-        final_evaluation(run.out / "best", config, run.val_set, run.device, time.time() - run.started, tags_from)
+        refit_tags_on = run.train_cache if run.fine_tune else None
+        final_evaluation(run.out / "best", config, run.val_set, run.device, time.time() - run.started, refit_tags_on)
     barrier(run.launch)
     log.info("training finished in %.0fs", time.time() - run.started)
     return run.out / "best"
