@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from captioner.api import DEFAULT_MODEL_DIR  # noqa: E402
 from captioner.checkpoint import ensemble_of, load_model, save_model  # noqa: E402
 from captioner.decoding import DecodingOptions  # noqa: E402
+from captioner.ensemble import decoders_of  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
 
 MANIFEST = "SHA256SUMS"
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     save_model(model, args.out, half_precision=True)
     write_manifest(args.out)
     size = sum(p.stat().st_size for p in args.out.iterdir())
-    members = f" ({len(models)} decoders)" if len(models) > 1 else ""
+    decoders = len(decoders_of(model.decoder))  # a member that is itself an ensemble brings each of its decoders
+    members = f" ({decoders} decoders)" if decoders > 1 else ""
     print(f"shipped {' '.join(map(str, args.models))} -> {args.out}{members} ({size / 1e6:.1f} MB), "
           f"decoding defaults {model.decoding}")
     return 0

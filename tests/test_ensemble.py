@@ -333,6 +333,13 @@ def test_ship_model_builds_an_ensemble_directory(tmp_path: Path, capsys: pytest.
         weight = tiny_decoder(seed).classifier.weight
         assert torch.allclose(member.classifier.weight, weight, rtol=1e-3, atol=1e-3)
 
+    # A shipped ensemble joins a run trained on its (float16-stored) encoder: its decoders come along, and the
+    # message counts decoders, not models.
+    third = save_model(_model(tiny_decoder(3), shipped), tmp_path / "run3" / "best")
+    assert _ship_model([str(out), str(third), "--out", str(tmp_path / "triple")]) == 0
+    assert "(3 decoders)" in capsys.readouterr().out
+    assert len(load_model(tmp_path / "triple").decoder.members) == 3
+
     other = save_model(_model(tiny_decoder(3), base, vocab=SHUFFLED_VOCAB), tmp_path / "other" / "best")
     assert _ship_model([str(runs[0]), str(other), "--out", str(tmp_path / "refused")]) == 2
     error = capsys.readouterr().err
