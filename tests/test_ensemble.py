@@ -52,7 +52,7 @@ ARCHITECTURES = [
     {"cell": "gru", "conditioning": "init", "num_layers": 2},
     {"cell": "rnn", "conditioning": "attention", "num_layers": 2},
 ]
-SHIP_MODEL = Path(__file__).resolve().parents[1] / "scripts" / "ship_model.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def tiny_decoder(seed: int, cell: str = "lstm", conditioning: str = "attention", num_layers: int = 1) -> CaptionDecoder:
@@ -309,11 +309,15 @@ def test_ensemble_of_refuses_models_that_do_not_share_encoder_preprocessing_or_v
     assert [m["name"] for m in pair.training["members"]] == ["tiny", "b"] and pair.metrics == {}
 
 
-def _ship_model(argv: list[str]) -> int:
-    spec = importlib.util.spec_from_file_location("ship_model", SHIP_MODEL)
+def _script(name: str, argv: list[str]) -> int:
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main(argv)
+
+
+def _ship_model(argv: list[str]) -> int:
+    return _script("ship_model", argv)
 
 
 def test_ship_model_builds_an_ensemble_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -339,6 +343,20 @@ def test_ship_model_builds_an_ensemble_directory(tmp_path: Path, capsys: pytest.
     assert _ship_model([str(out), str(third), "--out", str(tmp_path / "triple")]) == 0
     assert "(3 decoders)" in capsys.readouterr().out
     assert len(load_model(tmp_path / "triple").decoder.members) == 3
+
+    # split_ensemble.py gives the members back as models of their own, each with its record; they ship again as one.
+    assert _script("split_ensemble", [str(tmp_path / "triple"), str(tmp_path / "parts")]) == 0
+    parts = [load_model(tmp_path / "parts" / f"member{n}") for n in (1, 2, 3)]
+    shipped_members = [m["training"] for m in shipped.training["members"]]  # the ensemble's two, then run3's
+    assert [p.training for p in parts] == [*shipped_members, load_model(third).training]
+    for part, member in zip(parts, load_model(tmp_path / "triple").decoder.members, strict=True):
+        assert isinstance(part.decoder, CaptionDecoder) and torch.equal(part.decoder.classifier.weight,
+                                                                        member.classifier.weight)
+    assert _ship_model([str(tmp_path / "parts" / "member1"), str(third), "--out", str(tmp_path / "pair")]) == 0
+    assert "(2 decoders)" in capsys.readouterr().out
+    assert _script("split_ensemble", [str(third), str(tmp_path / "none")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "not an ensemble" in error and not (tmp_path / "none").exists()
 
     other = save_model(_model(tiny_decoder(3), base, vocab=SHUFFLED_VOCAB), tmp_path / "other" / "best")
     assert _ship_model([str(runs[0]), str(other), "--out", str(tmp_path / "refused")]) == 2
