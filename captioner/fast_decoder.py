@@ -177,9 +177,11 @@ class Gemm:
             return torch.mm(x.to(torch.bfloat16), self.bf16).float().add_(addend)
         if self.session is None:
             return torch.addmm(addend, x, self.weight)
-        feeds = {"x": x.contiguous().numpy()}
+        # The fast path only runs inference: a caller outside inference mode (a script calling the search directly)
+        # hands tensors that record gradients, which ONNX Runtime cannot follow anyway.
+        feeds = {"x": x.detach().contiguous().numpy()}
         if self.bias is None:
-            feeds["addend"] = addend.contiguous().numpy()
+            feeds["addend"] = addend.detach().contiguous().numpy()
         return torch.from_numpy(self.session.run(None, feeds)[0])
 
 
