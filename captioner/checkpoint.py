@@ -217,7 +217,8 @@ def ensemble_of(models: Sequence[CaptionModel]) -> CaptionModel:
 
     A member that is itself an ensemble brings each of its decoders. The encoder, tags head, preprocessing,
     vocabulary, name, version and decoding defaults are the first model's; ``training`` records each member's name,
-    version, training and metrics under ``members``; ``metrics`` starts empty (the ensemble's are not measured yet).
+    version, training and metrics under ``members``, one record per decoder (an ensemble brings its own records);
+    ``metrics`` starts empty (the ensemble's are not measured yet).
     Raises :class:`CheckpointError`, naming the member (1-based) and what differs, unless every model has the same
     encoder (name, pretrained weights' sha256, fine-tuned blocks and every weight), preprocessing and vocabulary.
     """
@@ -239,9 +240,12 @@ def ensemble_of(models: Sequence[CaptionModel]) -> CaptionModel:
                 f"{index}): ensemble members must share the vocabulary"
             )
     members = [member for model in models for member in decoders_of(model.decoder)]
-    provenance = [
-        {"name": m.name, "version": m.version, "training": m.training, "metrics": m.metrics} for m in models
-    ]
+    provenance = []  # one record per decoder, as ``members``: an ensemble brings its members' records too
+    for m in models:
+        if "members" in m.training:
+            provenance += m.training["members"]
+        else:
+            provenance.append({"name": m.name, "version": m.version, "training": m.training, "metrics": m.metrics})
     return CaptionModel(
         first.encoder, DecoderEnsemble(members), first.vocab, first.preprocess, name=first.name,
         version=first.version, decoding=dict(first.decoding), training={"members": provenance}, metrics={},

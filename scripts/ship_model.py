@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ship_model: cannot ship {' '.join(map(str, args.models))}: {exc}", file=sys.stderr)
         return 2
     if len(models) > 1:  # where each member came from, beside its name, version and metrics
-        for member, path in zip(model.training["members"], args.models, strict=True):
-            member["source"] = str(path)
+        records = iter(model.training["members"])  # one per decoder: a shipped ensemble brought its own, with theirs
+        for path, joined in zip(args.models, models, strict=True):
+            for _ in joined.training.get("members", [None]):
+                next(records).setdefault("source", str(path))
     save_model(model, args.out, half_precision=True)
     write_manifest(args.out)
     size = sum(p.stat().st_size for p in args.out.iterdir())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,7 +26,7 @@ from captioner.errors import CaptionerError  # noqa: E402
 
 def split(model: CaptionModel) -> list[CaptionModel]:
     """One single-decoder model per member of the ensemble ``model``, in order."""
-    decoders, records = decoders_of(model.decoder), list(_member_records(model.training.get("members", [])))
+    decoders, records = decoders_of(model.decoder), model.training.get("members", [])
     if len(decoders) < 2 or len(records) != len(decoders):
         raise CaptionerError(f"not an ensemble with a record per member ({len(decoders)} decoders, "
                              f"{len(records)} member records)")
@@ -37,15 +36,6 @@ def split(model: CaptionModel) -> list[CaptionModel]:
                      metrics=record["metrics"], tagger=model.tagger)
         for decoder, record in zip(decoders, records, strict=True)
     ]
-
-
-def _member_records(records: list[dict]) -> Iterator[dict]:
-    """Each decoder's record in order: a member that was itself an ensemble recorded its own members."""
-    for record in records:
-        if "members" in record.get("training", {}):
-            yield from _member_records(record["training"]["members"])
-        else:
-            yield record
 
 
 def main(argv: list[str] | None = None) -> int:

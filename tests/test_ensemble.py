@@ -343,6 +343,8 @@ def test_ship_model_builds_an_ensemble_directory(tmp_path: Path, capsys: pytest.
     assert _ship_model([str(out), str(third), "--out", str(tmp_path / "triple")]) == 0
     assert "(3 decoders)" in capsys.readouterr().out
     assert len(load_model(tmp_path / "triple").decoder.members) == 3
+    # one record per decoder, each naming the run it was trained in
+    assert [m["source"] for m in load_model(tmp_path / "triple").training["members"]] == [*map(str, runs), str(third)]
 
     # split_ensemble.py gives the members back as models of their own, each with its record; they ship again as one.
     assert _script("split_ensemble", [str(tmp_path / "triple"), str(tmp_path / "parts")]) == 0
