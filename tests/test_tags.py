@@ -77,8 +77,8 @@ def test_bundled_model_tags_the_photos_fittingly(default_captioner: Captioner) -
 
 
 def test_bundled_models_head_is_refitted_to_its_fine_tuned_encoder(default_captioner: Captioner) -> None:
-    """v6 fine-tuned Lite0's top blocks, so its head is the pretrained file's ``_fc`` layer refitted to the tuned grid
-    (training/tag_head.py), stored beside the tuned encoder; the encoder started from the verified file."""
+    """v6 and v7 fine-tuned Lite0's top blocks, so its head is the pretrained file's ``_fc`` layer refitted to the
+    tuned grid (training/tag_head.py), stored beside the tuned encoder; the encoder started from the verified file."""
     file, digest = resolve_weights("efficientnet_lite0", allow_download=False)
     assert digest == default_captioner.model.encoder.weights_sha256
     assert default_captioner.model.encoder.fine_tune_blocks > 0
