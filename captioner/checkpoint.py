@@ -212,18 +212,21 @@ def load_model(
     return model.to(device)
 
 
-def ensemble_of(models: Sequence[CaptionModel]) -> CaptionModel:
+def ensemble_of(models: Sequence[CaptionModel], sources: Sequence[str] | None = None) -> CaptionModel:
     """One model whose decoder is the :class:`DecoderEnsemble` of ``models``' decoders, over their one encoder.
 
     A member that is itself an ensemble brings each of its decoders. The encoder, tags head, preprocessing,
     vocabulary, name, version and decoding defaults are the first model's; ``training`` records each member's name,
     version, training and metrics under ``members``, one record per decoder (an ensemble brings its own records);
-    ``metrics`` starts empty (the ensemble's are not measured yet).
+    with ``sources`` (one per model, e.g. the directories they were read from) each record also gets a ``source``
+    (a brought record keeps its own); ``metrics`` starts empty (the ensemble's are not measured yet).
     Raises :class:`CheckpointError`, naming the member (1-based) and what differs, unless every model has the same
     encoder (name, pretrained weights' sha256, fine-tuned blocks and every weight), preprocessing and vocabulary.
     """
     if not models:
         raise CheckpointError("an ensemble needs at least one model")
+    if sources is not None and len(sources) != len(models):
+        raise ValueError(f"{len(models)} models but {len(sources)} sources")
     first = models[0]
     for number, model in enumerate(models[1:], start=2):
         _check_same_encoder(first, model, number)
@@ -241,11 +244,12 @@ def ensemble_of(models: Sequence[CaptionModel]) -> CaptionModel:
             )
     members = [member for model in models for member in decoders_of(model.decoder)]
     provenance = []  # one record per decoder, as ``members``: an ensemble brings its members' records too
-    for m in models:
-        if "members" in m.training:
-            provenance += m.training["members"]
-        else:
-            provenance.append({"name": m.name, "version": m.version, "training": m.training, "metrics": m.metrics})
+    for m, source in zip(models, sources or [None] * len(models), strict=True):
+        records = m.training.get("members") or [
+            {"name": m.name, "version": m.version, "training": m.training, "metrics": m.metrics}]
+        if source is not None:
+            records = [{**record, "source": record.get("source", str(source))} for record in records]
+        provenance += records
     return CaptionModel(
         first.encoder, DecoderEnsemble(members), first.vocab, first.preprocess, name=first.name,
         version=first.version, decoding=dict(first.decoding), training={"members": provenance}, metrics={},

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         models = [load_model(path, allow_download=False) for path in args.models]
-        model = models[0] if len(models) == 1 else ensemble_of(models)
+        # an ensemble records where each member came from, beside its name, version and metrics
+        model = models[0] if len(models) == 1 else ensemble_of(models, sources=[str(p) for p in args.models])
         if args.version:
             model.version = args.version
         for item in args.set:
@@ -75,11 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     except (CaptionerError, TypeError, ValueError) as exc:
         print(f"ship_model: cannot ship {' '.join(map(str, args.models))}: {exc}", file=sys.stderr)
         return 2
-    if len(models) > 1:  # where each member came from, beside its name, version and metrics
-        records = iter(model.training["members"])  # one per decoder: a shipped ensemble brought its own, with theirs
-        for path, joined in zip(args.models, models, strict=True):
-            for _ in joined.training.get("members", [None]):
-                next(records).setdefault("source", str(path))
     save_model(model, args.out, half_precision=True)
     write_manifest(args.out)
     size = sum(p.stat().st_size for p in args.out.iterdir())
