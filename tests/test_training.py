@@ -293,6 +293,19 @@ def test_cider_d_matches_pycocoevalcap() -> None:
     assert ours == pytest.approx(list(expected), rel=1e-6)
 
 
+def test_cider_d_end_token_punishes_a_caption_that_stops_mid_phrase() -> None:
+    """With the end of the sentence as a word, "... through the" no longer shares the references' last n-grams:
+    its reward falls relative to the whole caption's, which is what stops SCST from learning to cut captions short."""
+    references = {
+        1: ["a dog runs through the grass", "a brown dog runs through the field"],
+        2: ["two children play in the snow", "kids playing in snow"],
+    }
+    whole, cut = "a dog runs through the grass", "a dog runs through the"
+    plain, with_end = CiderD(references), CiderD(references, end_token="<end>")
+    assert with_end.score(1, cut) / with_end.score(1, whole) < plain.score(1, cut) / plain.score(1, whole)
+    assert with_end.score(1, whole) > 0 and with_end.score(1, "") == 0.0
+
+
 @pytest.mark.parametrize("baseline", ["greedy", "mean"])
 def test_scst_loss_baselines(baseline: str) -> None:
     """Both baselines give a finite loss with gradients; the leave-one-out mean baseline centres each image's

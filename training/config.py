@@ -103,6 +103,8 @@ class ScstConfig:
     max_length: int = 16
     # "greedy": the reward of the greedy caption (self-critical); "mean": the mean reward of the image's other samples
     baseline: str = "greedy"
+    # The end of the sentence counts as a word in the reward, so captions that stop mid-phrase score low (Luo 2020)
+    reward_end: bool = True
 
 
 @dataclass

@@ -5,7 +5,9 @@ the CIDEr-D of the greedy caption of the same image (the "self-critical" baselin
 estimate ``-(reward - baseline) * log p(sample)``. CIDEr-D's document frequencies come from the whole training set,
 as in the paper; pycocoevalcap's scorer only computes them from the references it is given, so the small scorer
 below reuses its n-gram counting and adds corpus-level frequencies. ``baseline="mean"`` replaces the greedy caption's
-reward by the mean reward of the image's other samples.
+reward by the mean reward of the image's other samples. ``end_token`` adds the end of the sentence to every
+reference and caption as one more word (Luo 2020, section 3): without it a caption that stops mid-phrase ("a dog
+runs through the") loses almost nothing, and the trained model learns to stop there.
 """
 
 from __future__ import annotations
@@ -24,11 +26,19 @@ from captioner.vocabulary import Vocabulary, tokenize
 
 
 class CiderD:
-    """CIDEr-D (clipped counts, Gaussian length penalty sigma=6, x10) with document frequencies of a corpus."""
+    """CIDEr-D (clipped counts, Gaussian length penalty sigma=6, x10) with document frequencies of a corpus.
 
-    def __init__(self, references: dict[int, list[str]], n: int = 4, sigma: float = 6.0) -> None:
+    With ``end_token``, that word ends every reference and every scored caption (see the module's docstring).
+    """
+
+    def __init__(
+        self, references: dict[int, list[str]], n: int = 4, sigma: float = 6.0, end_token: str | None = None
+    ) -> None:
         self.n, self.sigma = n, sigma
-        self.refs = {k: [precook(" ".join(tokenize(r)), n) for r in refs] for k, refs in references.items()}
+        self.suffix = f" {end_token}" if end_token else ""
+        self.refs = {
+            k: [precook(" ".join(tokenize(r)) + self.suffix, n) for r in refs] for k, refs in references.items()
+        }
         self.df: dict[tuple, float] = defaultdict(float)
         for cooked in self.refs.values():
             for ngram in {g for ref in cooked for g in ref}:
@@ -51,7 +61,7 @@ class CiderD:
 
     def score(self, image_id: int, caption: str) -> float:
         """CIDEr-D of one caption against the references of ``image_id``."""
-        hyp_vec, hyp_norm, hyp_len = self._vector(precook(caption, self.n))
+        hyp_vec, hyp_norm, hyp_len = self._vector(precook(caption + self.suffix, self.n))
         total = np.zeros(self.n)
         for ref_vec, ref_norm, ref_len in self.ref_vectors[image_id]:
             delta = float(hyp_len - ref_len)

@@ -550,7 +550,8 @@ def scst_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
     """One self-critical epoch over the training images (CIDEr-D reward); returns the batch losses."""
     config = run.config
     if run.cider is None:
-        run.cider = CiderD({r.image_id: r.captions for r in run.train_set.images})
+        end_token = run.vocab.words[run.vocab.end] if config.scst.reward_end else None
+        run.cider = CiderD({r.image_id: r.captions for r in run.train_set.images}, end_token=end_token)
     image_rows = sorted(run.usable)
     batches = epoch_batches(
         len(image_rows), config.scst.batch_size, config.train.seed, epoch, run.launch.rank, run.launch.world
