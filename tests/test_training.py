@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from training_data import make_dataset, tiny_config
 
 from captioner.api import Captioner
-from captioner.checkpoint import ensemble_of, load_model
+from captioner.checkpoint import ensemble_of, load_model, save_model
 from captioner.distributed import Launch
 from captioner.encoder import build_encoder
 from captioner.model import CaptionDecoder, DecoderConfig
@@ -139,6 +139,27 @@ def test_ema_validates_and_keeps_the_average_of_the_weights(tmp_path: Path, data
             torch.testing.assert_close(kept[key], average[key.removeprefix("decoder.")])
     with pytest.raises(ValueError, match="ema_decay"):
         train(load_config(tiny_config(tmp_path, data, train={"ema_decay": 1.0})), tmp_path / "bad")
+
+
+def test_scst_after_fine_tuning_starts_from_the_best_epochs_encoder(tmp_path: Path, data: dict[str, Path]) -> None:
+    """SCST trains the decoder on the grids of the encoder the best decoder was trained with: best/'s, not the
+    last cross-entropy epoch's. Here best/'s encoder is made to differ from the last epoch's before SCST starts."""
+    config_file = tiny_config(
+        tmp_path, data, encoder={"fine_tune_blocks": 1},
+        train={"epochs": 2, "cache_dtype": "float32", "encoder_lr": 1e-2}, scst={"batch_size": 6},
+    )  # fmt: skip
+    train(load_config(config_file), tmp_path / "run")
+    best = load_model(tmp_path / "run" / "best")
+    with torch.no_grad():
+        best.encoder.blocks[-1][0].weight.mul_(1.5)  # an encoder no cross-entropy epoch ended with
+    save_model(best, tmp_path / "run" / "best")
+    expected = best.encoder.state_dict()
+
+    train(load_config(config_file, ["scst.epochs=1"]), tmp_path / "run", resume=True)
+    assert [e["stage"] for e in _history(tmp_path / "run")] == ["xe", "xe", "scst"]
+    after = load_model(tmp_path / "run" / "last").encoder.state_dict()
+    assert after.keys() == expected.keys()
+    assert all(torch.equal(after[key], expected[key]) for key in expected)  # SCST read it and left it untouched
 
 
 def test_fine_tuning_trains_the_top_on_cached_trunks_and_validates_the_encoder_it_trains(

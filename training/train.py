@@ -537,9 +537,16 @@ def xe_epoch(run: Run, epoch: int, total_epochs: int) -> list[float]:
 
 
 def start_scst(run: Run) -> None:
-    """Self-critical training starts from the best cross-entropy weights, with a fresh optimizer."""
+    """Self-critical training starts from the best cross-entropy weights, with a fresh optimizer.
+
+    When fine-tuning, the best epoch's encoder too: SCST trains the decoder only, on the grids of the encoder the
+    best decoder was trained with (not the last epoch's, which ``best/`` would then ship beside it).
+    """
     if (run.out / "best").is_dir():
-        run.decoder.load_state_dict(load_model(run.out / "best").decoder.state_dict())
+        best = load_model(run.out / "best")
+        run.decoder.load_state_dict(best.decoder.state_dict())
+        if run.fine_tune:
+            run.encoder.load_state_dict(best.encoder.state_dict())
     if run.ema is not None:  # the average restarts from the weights SCST starts from
         run.ema.module.load_state_dict(run.decoder.state_dict())
     run.optimizer, run.scheduler = make_optimizer(run.config, run.decoder, run.encoder, "scst", 0)
