@@ -103,7 +103,8 @@ class ScstConfig:
     max_length: int = 16
     # "greedy": the reward of the greedy caption (self-critical); "mean": the mean reward of the image's other samples
     baseline: str = "greedy"
-    # The end of the sentence counts as a word in the reward, so captions that stop mid-phrase score low (Luo 2020)
+    # The end of the sentence counts as a word in the reward, so captions that stop mid-phrase score low
+    # (Rennie et al. 2017, appendix E)
     reward_end: bool = True
 
 

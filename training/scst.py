@@ -6,8 +6,8 @@ estimate ``-(reward - baseline) * log p(sample)``. CIDEr-D's document frequencie
 as in the paper; pycocoevalcap's scorer only computes them from the references it is given, so the small scorer
 below reuses its n-gram counting and adds corpus-level frequencies. ``baseline="mean"`` replaces the greedy caption's
 reward by the mean reward of the image's other samples. ``end_token`` adds the end of the sentence to every
-reference and caption as one more word (Luo 2020, section 3): without it a caption that stops mid-phrase ("a dog
-runs through the") loses almost nothing, and the trained model learns to stop there.
+reference and caption as one more word (Rennie et al. 2017, appendix E): without it a caption that stops
+mid-phrase ("a dog runs through the") loses almost nothing, and the trained model learns to stop there.
 """
 
 from __future__ import annotations
