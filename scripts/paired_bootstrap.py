@@ -8,28 +8,26 @@ mean difference B - A with its 95% interval and how often B stays ahead:
     python scripts/paired_bootstrap.py data/flickr8k/captions_dev.json \\
         evaluation/v7-dev/results.json evaluation/v8-dev/results.json
 
-Needs Java (the PTB tokenizer), as the official scorer does.
+Without Java the Python tokenizer is used, as `captioner evaluate --python-tokenizer` would.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
+import shutil
 from pathlib import Path
 
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from training.data import load_coco
+from training.evaluation import load_results, match_results, per_image_cider
 
 
-def per_photo_cider(references: dict[int, list[str]], results: Path) -> dict[int, float]:
-    """CIDEr-D of each photo's caption in ``results`` against its references (the corpus: the photos in results)."""
-    captions = {r["image_id"]: [{"caption": r["caption"]}] for r in json.loads(results.read_text())}
-    tokenizer = PTBTokenizer()
-    refs = tokenizer.tokenize({k: [{"caption": c} for c in references[k]] for k in captions})
-    hyps = tokenizer.tokenize(captions)
-    _, scores = Cider().compute_score(refs, hyps)
-    return dict(zip(refs, (float(s) for s in scores), strict=True))
+def per_photo_cider(annotations: Path, results: Path) -> dict[int, float]:
+    """Each photo's CIDEr-D in a `captioner evaluate` results file, scored as `captioner evaluate` scores (the corpus:
+    the photos in the file; the PTB tokenizer when Java is present)."""
+    dataset = load_coco(annotations)  # the photos themselves are not needed
+    predictions = match_results(load_results(results), dataset)
+    return per_image_cider(predictions, dataset.references(), java_tokenizer=shutil.which("java") is not None)
 
 
 def paired_bootstrap(a: dict[int, float], b: dict[int, float], resamples: int = 5000, seed: int = 0) -> dict:
@@ -57,10 +55,7 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    references: dict[int, list[str]] = {}
-    for ann in json.loads(args.annotations.read_text())["annotations"]:
-        references.setdefault(ann["image_id"], []).append(ann["caption"])
-    s = paired_bootstrap(per_photo_cider(references, args.a), per_photo_cider(references, args.b),
+    s = paired_bootstrap(per_photo_cider(args.annotations, args.a), per_photo_cider(args.annotations, args.b),
                          args.resamples, args.seed)
     print(f"{s['photos']} photos: A {100 * s['a']:.2f}, B {100 * s['b']:.2f} CIDEr; "
           f"B - A {100 * s['difference']:+.2f}, "

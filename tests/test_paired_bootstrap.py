@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 from scripts_loader import load_script
+
+from training.evaluation import compute_metrics, per_image_cider, write_results
 
 bootstrap = load_script("paired_bootstrap")
 
@@ -26,23 +30,28 @@ def test_only_shared_photos_count_and_a_mixed_difference_spans_zero() -> None:
     assert s["low"] < 0 < s["high"] and 0.2 < s["b_ahead"] < 0.8
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="the PTB tokenizer needs Java")
-def test_per_photo_scores_average_to_the_official_cider(tmp_path) -> None:  # noqa: ANN001 - pytest fixture
-    import json
-
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
+@pytest.mark.parametrize("java", [False, pytest.param(True, marks=pytest.mark.skipif(
+    shutil.which("java") is None, reason="the PTB tokenizer needs Java"))])
+def test_per_image_cider_averages_to_the_corpus_cider(java: bool) -> None:
     references = {1: ["a dog runs on the grass", "a brown dog running"], 2: ["two kids play in the snow",
                   "children in the snow"], 3: ["a man rides a bike", "a cyclist on a road"]}
-    results = tmp_path / "results.json"
-    results.write_text(json.dumps([{"image_id": 1, "caption": "a dog runs on grass"},
-                                   {"image_id": 2, "caption": "kids in the snow"},
-                                   {"image_id": 3, "caption": "a man on a bike"}]))
-    scores = bootstrap.per_photo_cider(references, results)
-    tok = PTBTokenizer()
-    expected, _ = Cider().compute_score(
-        tok.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()}),
-        tok.tokenize({r["image_id"]: [{"caption": r["caption"]}] for r in json.loads(results.read_text())}))
-    assert sorted(scores) == [1, 2, 3]
-    assert sum(scores.values()) / 3 == pytest.approx(expected)
+    predictions = {1: "a dog runs on grass", 2: "kids in the snow", 3: "a man on a bike"}
+    scores = per_image_cider(predictions, references, java_tokenizer=java)
+    assert sorted(scores) == [1, 2, 3] and len(set(scores.values())) == 3
+    corpus = compute_metrics(predictions, references, ("cider",), java_tokenizer=java)["CIDEr"]
+    assert sum(scores.values()) / 3 == pytest.approx(corpus)
+
+
+def test_the_script_reads_evaluate_results_files(tmp_path: Path) -> None:
+    """Results files as `captioner evaluate` writes them, matched to the annotations' photos."""
+    annotations = tmp_path / "captions.json"
+    annotations.write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"{i}.jpg"} for i in (1, 2)],
+        "annotations": [{"id": n, "image_id": i, "caption": c} for n, (i, c) in enumerate(
+            [(1, "a dog runs on the grass"), (1, "a brown dog running"), (2, "two kids play in the snow"),
+             (2, "children in the snow")])],
+    }))
+    a, b = write_results({1: "a cat", 2: "kids in the snow"}, tmp_path / "a.json"), write_results(
+        {1: "a dog runs on the grass", 2: "kids in the snow"}, tmp_path / "b.json")
+    scores_a, scores_b = bootstrap.per_photo_cider(annotations, a), bootstrap.per_photo_cider(annotations, b)
+    assert scores_a[2] == pytest.approx(scores_b[2]) and scores_b[1] > scores_a[1]

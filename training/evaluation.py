@@ -129,6 +129,17 @@ def compute_metrics(
     return scores
 
 
+def per_image_cider(
+    predictions: dict[int, str], references: dict[int, list[str]], java_tokenizer: bool = True,
+) -> dict[int, float]:
+    """Each image's CIDEr-D (0-1 scale x10, as pycocoevalcap), tokenised as :func:`compute_metrics` does: their mean
+    is the corpus CIDEr it reports. For comparing two models photo by photo (``scripts/paired_bootstrap.py``)."""
+    check_metrics(("cider",), java_tokenizer)
+    res, gts = _tokenize(predictions, references, java_tokenizer)
+    _, scores = _scorer("cider").compute_score(gts, res)
+    return {image: float(score) for image, score in zip(gts, scores, strict=True)}
+
+
 def distinct_caption_share(predictions: dict[int, str]) -> float:
     """The number of distinct captions over the number of images (1.0: every caption is different)."""
     if not predictions:
