@@ -18,14 +18,13 @@ import random
 import shutil
 from pathlib import Path
 
-from training.data import load_coco
+from training.data import CaptionDataset, load_coco
 from training.evaluation import load_results, match_results, per_image_cider
 
 
-def per_photo_cider(annotations: Path, results: Path) -> dict[int, float]:
-    """Each photo's CIDEr-D in a `captioner evaluate` results file, scored as `captioner evaluate` scores (the corpus:
-    the photos in the file; the PTB tokenizer when Java is present)."""
-    dataset = load_coco(annotations)  # the photos themselves are not needed
+def per_photo_cider(dataset: CaptionDataset, results: Path) -> dict[int, float]:
+    """Each photo's CIDEr-D in a `captioner evaluate` results file of ``dataset``'s photos, scored as `captioner
+    evaluate` scores (the corpus: the photos in the file; the PTB tokenizer when Java is present)."""
     predictions = match_results(load_results(results), dataset)
     return per_image_cider(predictions, dataset.references(), java_tokenizer=shutil.which("java") is not None)
 
@@ -55,8 +54,8 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    s = paired_bootstrap(per_photo_cider(args.annotations, args.a), per_photo_cider(args.annotations, args.b),
-                         args.resamples, args.seed)
+    dataset = load_coco(args.annotations)  # read once for both results files; the photos themselves are not needed
+    s = paired_bootstrap(per_photo_cider(dataset, args.a), per_photo_cider(dataset, args.b), args.resamples, args.seed)
     print(f"{s['photos']} photos: A {100 * s['a']:.2f}, B {100 * s['b']:.2f} CIDEr; "
           f"B - A {100 * s['difference']:+.2f}, "
           f"95% interval [{100 * s['low']:+.2f}, {100 * s['high']:+.2f}]; B ahead in {100 * s['b_ahead']:.1f}% of "

@@ -42,6 +42,13 @@ def test_per_image_cider_averages_to_the_corpus_cider(java: bool) -> None:
     assert sum(scores.values()) / 3 == pytest.approx(corpus)
 
 
+def test_per_image_cider_refuses_what_compute_metrics_refuses() -> None:
+    with pytest.raises(ValueError, match="no predictions"):
+        per_image_cider({}, {1: ["a dog"]}, java_tokenizer=False)
+    with pytest.raises(ValueError, match="1 predicted images have no reference captions"):
+        per_image_cider({1: "a dog", 2: "a cat"}, {1: ["a dog"]}, java_tokenizer=False)
+
+
 def test_the_script_reads_evaluate_results_files(tmp_path: Path) -> None:
     """Results files as `captioner evaluate` writes them, matched to the annotations' photos."""
     annotations = tmp_path / "captions.json"
@@ -53,5 +60,6 @@ def test_the_script_reads_evaluate_results_files(tmp_path: Path) -> None:
     }))
     a, b = write_results({1: "a cat", 2: "kids in the snow"}, tmp_path / "a.json"), write_results(
         {1: "a dog runs on the grass", 2: "kids in the snow"}, tmp_path / "b.json")
-    scores_a, scores_b = bootstrap.per_photo_cider(annotations, a), bootstrap.per_photo_cider(annotations, b)
+    dataset = bootstrap.load_coco(annotations)
+    scores_a, scores_b = bootstrap.per_photo_cider(dataset, a), bootstrap.per_photo_cider(dataset, b)
     assert scores_a[2] == pytest.approx(scores_b[2]) and scores_b[1] > scores_a[1]

@@ -82,7 +82,15 @@ def check_metrics(metrics: Sequence[str], java_tokenizer: bool = True) -> None:
 def _tokenize(
     predictions: dict[int, str], references: dict[int, list[str]], java_tokenizer: bool,
 ) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
-    """Tokenised (space-joined) predictions and references, as pycocoevalcap's scorers take them."""
+    """Tokenised (space-joined) predictions and references, as pycocoevalcap's scorers take them.
+
+    Raises ValueError when there is nothing to score or a predicted image has no reference.
+    """
+    if not predictions:
+        raise ValueError("no predictions to score")
+    unreferenced = [i for i in predictions if not references.get(i)]
+    if unreferenced:
+        raise ValueError(f"{len(unreferenced)} predicted images have no reference captions (e.g. id {unreferenced[0]})")
     if not java_tokenizer:
         res = {i: [" ".join(tokenize(c))] for i, c in predictions.items()}
         gts = {i: [" ".join(tokenize(c)) for c in references[i]] for i in predictions}
@@ -110,11 +118,6 @@ def compute_metrics(
     for metric in (m for m in metrics if m in UNSUPPORTED_METRICS):
         log.warning("%s skipped: it needs Stanford CoreNLP models downloaded at run time, which is not supported",
                     metric.upper())
-    if not predictions:
-        raise ValueError("no predictions to score")
-    unreferenced = [i for i in predictions if not references.get(i)]
-    if unreferenced:
-        raise ValueError(f"{len(unreferenced)} predicted images have no reference captions (e.g. id {unreferenced[0]})")
     res, gts = _tokenize(predictions, references, java_tokenizer)
     scores: dict[str, float] = {}
     for metric in (m for m in DEFAULT_METRICS if m in metrics):
