@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.checkpoint import load_model  # noqa: E402
 from captioner.decoding import DecodingOptions, decode  # noqa: E402
-from training.evaluation import compute_metrics, distinct_caption_share  # noqa: E402
+from training.evaluation import score_captions  # noqa: E402
 from training.features import cached_split  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     )
     print(
         f"{'beam':>4} {'len.pen':>7} {'no-rep':>6} {'BLEU-1':>7} {'BLEU-2':>7} {'BLEU-3':>7} {'BLEU-4':>7} "
-        f"{'METEOR':>7} {'ROUGE-L':>7} {'CIDEr':>7} {'distinct':>8} {'s':>5}"
+        f"{'METEOR':>7} {'ROUGE-L':>7} {'CIDEr':>7} {'distinct':>8} {'repeats':>8} {'unfin.':>7} {'s':>5}"
     )
     for beam, penalty, block in grid:
         if beam == 1 and penalty:
@@ -66,11 +66,12 @@ def main() -> None:
             for row, hyps in zip(batch, decode(model.decoder, split.grids(batch), model.vocab, options), strict=True):
                 predictions[dataset.images[row].image_id] = model.vocab.decode(hyps[0].tokens)
         seconds = time.perf_counter() - start
-        scores = compute_metrics(predictions, references, metrics=metrics, java_tokenizer=args.official)
+        scores = score_captions(predictions, references, metrics=metrics, java_tokenizer=args.official)
         columns = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
         values = " ".join(f"{scores[c] * 100:>7.2f}" if c in scores else f"{'-':>7}" for c in columns)
-        share = distinct_caption_share(predictions) * 100
-        print(f"{beam:>4} {penalty:>7} {block:>6} {values} {share:>7.1f}% {seconds:>5.0f}", flush=True)
+        form = (f"{scores['distinct_caption_share'] * 100:>7.1f}% {scores['repeated_pair_share'] * 100:>7.1f}% "
+                f"{scores['unfinished_share'] * 100:>6.1f}%")
+        print(f"{beam:>4} {penalty:>7} {block:>6} {values} {form} {seconds:>5.0f}", flush=True)
 
 
 if __name__ == "__main__":

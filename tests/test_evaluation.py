@@ -20,6 +20,8 @@ from training.evaluation import (
     format_metrics,
     load_results,
     match_results,
+    repeated_pair_share,
+    unfinished_share,
     write_results,
 )
 
@@ -76,8 +78,22 @@ def test_bad_requests(caplog: pytest.LogCaptureFixture) -> None:
 def test_distinct_caption_share_and_table() -> None:
     assert distinct_caption_share({1: "a dog", 2: "A dog.", 3: "a cat", 4: "a cat"}) == 0.5
     assert distinct_caption_share({}) == 0.0
-    table = format_metrics({"CIDEr": 0.4567, "distinct_caption_share": 0.25})
-    assert "CIDEr" in table and "45.67" in table and "25.00" in table
+    table = format_metrics({"CIDEr": 0.4567, "distinct_caption_share": 0.25, "unfinished_share": 0.125})
+    assert "CIDEr" in table and "45.67" in table and "distinct captions (%)      25.00" in table
+    assert "unfinished (%)" in table and "12.50" in table
+
+
+def test_repeated_pair_share_finds_decoding_loops() -> None:
+    captions = {1: "a man riding a bike on a bike", 2: "A man is riding a bike.", 3: "a dog, a dog", 4: "dog dog"}
+    assert repeated_pair_share(captions) == 0.5  # "a bike" and "a dog" twice; a word twice is not a pair twice
+    assert repeated_pair_share({1: ""}) == 0.0 and repeated_pair_share({}) == 0.0
+
+
+def test_unfinished_share_finds_captions_that_stop_mid_phrase() -> None:
+    captions = {1: "a young boy is holding a", 2: "two dogs play in the", 3: "a dog runs.",
+                4: "a man sits on a bench with", 5: "", 6: "a woman looks on"}
+    assert unfinished_share(captions) == pytest.approx(4 / 6)  # the empty caption counts as unfinished
+    assert unfinished_share({}) == 0.0
 
 
 def test_results_file_round_trip_and_validation(tmp_path: Path) -> None:
@@ -131,7 +147,8 @@ def test_evaluate_command_end_to_end(tiny_model_dir: Path, tmp_path: Path, capsy
     printed = capsys.readouterr().out
     assert "CIDEr" in printed and "4 of 5 images scored" in printed  # the missing image is skipped, not fatal
     summary = json.loads((out / "metrics.json").read_text())
-    assert list(summary["metrics"]) == [*ALL_KEYS, "distinct_caption_share"]
+    assert list(summary["metrics"]) == [*ALL_KEYS, "distinct_caption_share", "repeated_pair_share",
+                                         "unfinished_share"]
     assert all(0.0 <= v for v in summary["metrics"].values())
     assert summary["decoding"]["beam_size"] == 2 and summary["images_scored"] == 4
     assert set(load_results(out / "results.json")) == {10, 11, 12, 13}

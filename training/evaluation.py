@@ -150,23 +150,58 @@ def distinct_caption_share(predictions: dict[int, str]) -> float:
     return len({" ".join(tokenize(c)) for c in predictions.values()}) / len(predictions)
 
 
+# Words a caption cannot end on: articles, conjunctions, possessives, auxiliaries and the prepositions that are never
+# a verb's particle ("looks on", "walks by" are whole, so "on" and "by" are not here). A caption ending on one was cut
+# off: by the length limit, or by a decoder that learned to stop early, as SCST can.
+UNFINISHED_ENDINGS = frozenset("a an the and or but of with from into onto for while his its their is are".split())
+
+
+def repeated_pair_share(predictions: dict[int, str]) -> float:
+    """The share of captions in which some word pair occurs twice ("a man riding a bike on a bike"): decoding loops."""
+    if not predictions:
+        return 0.0
+
+    def loops(caption: str) -> bool:
+        words = tokenize(caption)
+        pairs = list(itertools.pairwise(words))
+        return len(set(pairs)) < len(pairs)
+
+    return sum(loops(c) for c in predictions.values()) / len(predictions)
+
+
+def unfinished_share(predictions: dict[int, str]) -> float:
+    """The share of captions (empty ones included) that stop mid-phrase, on a word of :data:`UNFINISHED_ENDINGS`."""
+    if not predictions:
+        return 0.0
+    return sum(not words or words[-1] in UNFINISHED_ENDINGS
+               for words in map(tokenize, predictions.values())) / len(predictions)
+
+
+# The measures of caption form an evaluation reports beside the metrics, by key; each is a share of the captions.
+FORM_MEASURES = {
+    "distinct_caption_share": ("distinct captions (%)", distinct_caption_share),
+    "repeated_pair_share": ("repeated word pair (%)", repeated_pair_share),
+    "unfinished_share": ("unfinished (%)", unfinished_share),
+}
+
+
 def score_captions(
     predictions: dict[int, str], references: dict[int, list[str]], metrics: Sequence[str] = DEFAULT_METRICS,
     java_tokenizer: bool = True,
 ) -> dict[str, float]:
-    """:func:`compute_metrics` plus ``distinct_caption_share``: everything an evaluation reports."""
+    """:func:`compute_metrics` plus the :data:`FORM_MEASURES` of the captions: everything an evaluation reports."""
     scores = compute_metrics(predictions, references, metrics, java_tokenizer)
-    scores["distinct_caption_share"] = distinct_caption_share(predictions)
+    scores |= {key: measure(predictions) for key, (_, measure) in FORM_MEASURES.items()}
     return scores
 
 
 def metric_label(key: str) -> str:
     """How a metrics key is shown next to its value x100."""
-    return "distinct captions (%)" if key == "distinct_caption_share" else key
+    return FORM_MEASURES[key][0] if key in FORM_MEASURES else key
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    """A two-column text table of the scores x100 (``distinct_caption_share`` as a percentage)."""
+    """A two-column text table of the scores x100 (the form measures as percentages)."""
     lines = [f"{'metric':<24}{'score':>8}"]
     lines += [f"{metric_label(key):<24}{100 * value:>8.2f}" for key, value in metrics.items()]
     return "\n".join(lines)
