@@ -18,6 +18,7 @@ from training.evaluation import (
     compute_metrics,
     distinct_caption_share,
     format_metrics,
+    is_unfinished,
     load_results,
     match_results,
     repeated_pair_share,
@@ -90,9 +91,12 @@ def test_repeated_pair_share_finds_decoding_loops() -> None:
 
 
 def test_unfinished_share_finds_captions_that_stop_mid_phrase() -> None:
-    captions = {1: "a young boy is holding a", 2: "two dogs play in the", 3: "a dog runs.",
-                4: "a man sits on a bench with", 5: "", 6: "a woman looks on"}
-    assert unfinished_share(captions) == pytest.approx(4 / 6)  # the empty caption counts as unfinished
+    unfinished = ["a young boy is holding a", "two dogs play in the", "a man sits on a bench with", "",
+                  "a boy wearing a blue shirt is holding a blue", "girls are playing in a red and white"]
+    whole = ["a dog runs.", "a woman looks on", "a man dressed in blue", "a black and white dog", "a man walks by"]
+    assert [is_unfinished(c) for c in unfinished] == [True] * 6
+    assert [is_unfinished(c) for c in whole] == [False] * 5
+    assert unfinished_share(dict(enumerate(unfinished + whole))) == pytest.approx(6 / 11)
     assert unfinished_share({}) == 0.0
 
 

@@ -151,9 +151,23 @@ def distinct_caption_share(predictions: dict[int, str]) -> float:
 
 
 # Words a caption cannot end on: articles, conjunctions, possessives, auxiliaries and the prepositions that are never
-# a verb's particle ("looks on", "walks by" are whole, so "on" and "by" are not here). A caption ending on one was cut
-# off: by the length limit, or by a decoder that learned to stop early, as SCST can.
+# a verb's particle ("looks on", "walks by" are whole, so "on" and "by" are not here).
 UNFINISHED_ENDINGS = frozenset("a an the and or but of with from into onto for while his its their is are".split())
+# Nor on an article and colours with no noun after them ("holding a blue", "playing in a red and white"); a colour
+# alone ends a phrase well ("dressed in blue").
+COLOURS = frozenset("red blue green yellow black white brown orange pink purple gray grey tan silver gold".split())
+
+
+def is_unfinished(caption: str) -> bool:
+    """Whether a caption stops mid-phrase: empty, on an :data:`UNFINISHED_ENDINGS` word, or on "a/an/the" and
+    colours. Such a caption was cut off, by the length limit or by a decoder that learned to stop early (SCST can)."""
+    words = tokenize(caption)
+    if not words or words[-1] in UNFINISHED_ENDINGS:
+        return True
+    end = len(words)
+    while end > 0 and (words[end - 1] in COLOURS or words[end - 1] == "and"):
+        end -= 1
+    return end < len(words) and end > 0 and words[end - 1] in ("a", "an", "the")
 
 
 def repeated_pair_share(predictions: dict[int, str]) -> float:
@@ -170,11 +184,10 @@ def repeated_pair_share(predictions: dict[int, str]) -> float:
 
 
 def unfinished_share(predictions: dict[int, str]) -> float:
-    """The share of captions (empty ones included) that stop mid-phrase, on a word of :data:`UNFINISHED_ENDINGS`."""
+    """The share of captions that stop mid-phrase (:func:`is_unfinished`)."""
     if not predictions:
         return 0.0
-    return sum(not words or words[-1] in UNFINISHED_ENDINGS
-               for words in map(tokenize, predictions.values())) / len(predictions)
+    return sum(map(is_unfinished, predictions.values())) / len(predictions)
 
 
 # The measures of caption form an evaluation reports beside the metrics, by key; each is a share of the captions.
