@@ -16,7 +16,7 @@ import itertools
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -170,24 +170,24 @@ def is_unfinished(caption: str) -> bool:
     return end < len(words) and end > 0 and words[end - 1] in ("a", "an", "the")
 
 
+def has_repeated_pair(caption: str) -> bool:
+    """Whether some word pair occurs twice in a caption ("a man riding a bike on a bike"): a decoding loop."""
+    pairs = list(itertools.pairwise(tokenize(caption)))
+    return len(set(pairs)) < len(pairs)
+
+
+def _share(predicate: Callable[[str], bool], predictions: dict[int, str]) -> float:
+    return sum(map(predicate, predictions.values())) / len(predictions) if predictions else 0.0
+
+
 def repeated_pair_share(predictions: dict[int, str]) -> float:
-    """The share of captions in which some word pair occurs twice ("a man riding a bike on a bike"): decoding loops."""
-    if not predictions:
-        return 0.0
-
-    def loops(caption: str) -> bool:
-        words = tokenize(caption)
-        pairs = list(itertools.pairwise(words))
-        return len(set(pairs)) < len(pairs)
-
-    return sum(loops(c) for c in predictions.values()) / len(predictions)
+    """The share of captions that loop (:func:`has_repeated_pair`)."""
+    return _share(has_repeated_pair, predictions)
 
 
 def unfinished_share(predictions: dict[int, str]) -> float:
     """The share of captions that stop mid-phrase (:func:`is_unfinished`)."""
-    if not predictions:
-        return 0.0
-    return sum(map(is_unfinished, predictions.values())) / len(predictions)
+    return _share(is_unfinished, predictions)
 
 
 # The measures of caption form an evaluation reports beside the metrics, by key; each is a share of the captions.
